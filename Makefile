@@ -1,0 +1,48 @@
+# p2l — common tasks. Every target creates/uses the virtual environment .venv first.
+#   make demo                       main job on the embedded default (no download, no GPU)
+#   make test                       the test suite (CPU)
+#   make train CONFIG=experiments/brats.py ARGS="--config.data_root=... --config.splits_dir=..."
+# GPU machines: make venv JAX_EXTRA=cuda12   (installs jax[cuda12] with the same pins)
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+JAX_EXTRA ?=
+CONFIG ?= experiments/demo.py
+WORKDIR ?= runs/$(basename $(notdir $(subst :,_,$(CONFIG))))
+ARGS ?=
+export PYTHONPATH := $(CURDIR)
+export TF_CPP_MIN_LOG_LEVEL ?= 3
+export PYTHONUNBUFFERED := 1
+
+.PHONY: venv demo test lint format train clean-demo
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	if [ -n "$(JAX_EXTRA)" ]; then $(PY) -m pip install --quiet "jax[$(JAX_EXTRA)]==$$(grep '^jax==' requirements.txt | cut -d= -f3)"; fi
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(PY) -m p2l.demo_data --out runs/demo/data
+	$(PY) -m p2l.main --config=experiments/demo.py --workdir=runs/demo $(ARGS)
+
+test: venv
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: venv
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+train: venv
+	$(PY) -m p2l.main --config=$(CONFIG) --workdir=$(WORKDIR) $(ARGS)
+
+clean-demo:
+	rm -rf runs/demo

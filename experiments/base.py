@@ -1,0 +1,86 @@
+"""Defaults shared by every experiment: the reference's hyper-parameters (spec §3.2, §3.3, §5).
+
+Each experiment file (`brats.py`, `mslub.py`, `atlas.py`, `wmh.py`, `demo.py`) calls
+`base_config()` and sets what differs. Every config has a tiny variant for CPU smoke runs:
+`--config=experiments/brats.py:tiny`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Keys that must be set by the user before a run; `p2l.config_check` names them if missing.
+REQUIRED_PATHS = ("data_root", "splits_dir")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.name = "patch2loc"
+    c.modality = "t2"  # model trained on IXI T2 (BraTS21, MSLUB) or T1 (ATLAS v2, WMH), spec §1
+    c.fold = 0  # IXI split fold 0..4 (spec §1.1; the authors' scripts loop over 5 folds)
+    c.seed = 3141  # seed_everything(3141) in the reference (spec §3.3)
+
+    # Paths. Required: a run without them stops at once with a message saying what to set.
+    c.data_root = ml_collections.FieldReference(None, field_type=str)  # holds Train/ and Test/
+    c.splits_dir = ml_collections.FieldReference(None, field_type=str)  # the reference's splits/
+    c.tfds_dir = ""  # where the tfds slice builds are cached; "" = <data_root>/../p2l_tfds
+    c.test_sets = ("Brats21", "MSLUB")  # lesion sets evaluated (spec §1.2)
+
+    # Data geometry and load-time normalisation (spec §2.2).
+    c.data = ml_collections.ConfigDict()
+    c.data.image_shape = (192, 192, 100)  # tio.CropOrPad target (H, W, axial slices)
+    c.data.expected_spacing = 1.0  # mm; preprocessed volumes are 1 mm isotropic (spec §2.1)
+
+    # Patch sampling (spec §3.2).
+    c.sampling = ml_collections.ConfigDict()
+    c.sampling.patch_fraction = 0.125  # patch side int(0.125 * 192) = 24 px
+    c.sampling.slices_per_step = 356  # batch_size of the reference datamodule
+    c.sampling.num_candidates = 32384  # num_patches_per_batch * 4 = 8096 * 4
+    c.sampling.rejection_rate = 0.2  # keep a candidate iff >= 20 % of it is brain (mask == 1)
+    # Static-shape buffer for accepted candidates, as a fraction of the candidates (p2l.patches).
+    # The reference accepts ~35 % on IXI; overflow is counted and reported, never silent.
+    c.sampling.capacity_fraction = 0.6
+
+    c.model = ml_collections.ConfigDict()
+    c.model.conv_impl = "auto"  # "auto": exact matmul form on 2x2/1x1 maps (fast on CPU); "xla"
+    c.model.dtype = "float32"  # compute dtype of the training forward (reference: fp32)
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.type = "beta_nll"  # beta_nll | stirn | mse (spec §4)
+    c.loss.beta = 0.5
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 1e-2  # Adam, constant, no clipping (spec §3.3)
+
+    c.num_steps = 15000  # one optimiser step per epoch x 15,000 epochs (spec §3.3, §8.12)
+    c.log_every = 25
+    c.eval_every = 100  # validation loss on the IXI val fold (reference: every step)
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 3
+    c.prefetch = 2
+
+    # Heatmaps and evaluation (spec §5, §6).
+    c.eval = ml_collections.ConfigDict()
+    c.eval.stride = 1  # sliding-window stride; > 1 upsamples bilinearly as the reference
+    c.eval.batch_size = 4096  # patches per jitted forward (per device)
+    c.eval.dtype = "float32"  # reference: float16 on GPU; "bfloat16" is an option
+    c.eval.median_size = 7  # 7x7x7 median filter before brain masking (spec §5.4)
+    c.eval.erode_mask_iterations = 0  # pDDPM protocol option, off in the reference (spec §8.15)
+    c.eval.min_component_voxels = 0  # pDDPM protocol option, off in the reference
+    c.eval.healthy_quantile = 98.0  # unsupervised threshold: q98 of healthy IXI scores (spec §5.6)
+    c.eval.max_volumes = 0  # 0 = all volumes of each test set
+    return c
+
+
+def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrinks a real config for CPU smoke runs: same data and geometry, few small steps."""
+    c.sampling.slices_per_step = 8
+    c.sampling.num_candidates = 768
+    c.num_steps = 20
+    c.log_every = 5
+    c.eval_every = 10
+    c.checkpoint_every = 10
+    c.eval.stride = 4
+    c.eval.batch_size = 1024
+    c.eval.max_volumes = 2
+    return c

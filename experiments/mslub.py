@@ -1,0 +1,25 @@
+"""Patch2Loc on MSLUB (T2): IXI T2 training fold `fold`, evaluation on MSLUB (spec §1, §3.3).
+
+Reproduces the paper's MSLUB column (Dice per threshold policy, AUPRC, AUROC; mean ± std over
+folds 0-4). Command (one fold):
+
+    make train CONFIG=experiments/mslub.py \
+        ARGS="--config.data_root=/data/p2l --config.splits_dir=/data/splits"
+
+Hardware: one GPU, 15,000 steps of ~11.5 k valid patches.
+CPU smoke run: CONFIG=experiments/mslub.py:tiny.
+"""
+
+from experiments import base
+
+
+def get_config(variant: str = ""):
+    c = base.base_config()
+    c.name = "mslub"
+    c.modality = "t2"
+    c.test_sets = ("MSLUB",)
+    if variant == "tiny":
+        c = base.tiny(c)
+    elif variant:
+        raise ValueError(f"unknown variant {variant!r} of experiments/mslub.py (known: 'tiny')")
+    return c

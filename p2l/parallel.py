@@ -1,0 +1,51 @@
+"""Device mesh and shardings: data parallelism with `jax.jit` over a ('data',) mesh.
+
+The batch is sharded along its leading axis, the train state replicated (conventions). This is
+the supported successor of `pmap`; it spans all processes' devices in multi-host runs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+
+
+def create_mesh(devices=None) -> Mesh:
+    """A 1-D ('data',) mesh over all (global) devices."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def padded_size(n: int, multiple: int) -> int:
+    """n rounded up to a multiple (e.g. 356 slices on 8 devices -> 360)."""
+    return math.ceil(n / multiple) * multiple
+
+
+def process_rows(global_rows: int) -> slice:
+    """The rows of a global batch this process feeds (contiguous, in process order)."""
+    per_process = global_rows // jax.process_count()
+    start = jax.process_index() * per_process
+    return slice(start, start + per_process)
+
+
+def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Host-local rows of a batch -> global arrays sharded along 'data'."""
+    sharding = batch_sharded(mesh)
+    out = {}
+    for name, local in batch.items():
+        global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
+        out[name] = jax.make_array_from_process_local_data(sharding, local, global_shape)
+    return out

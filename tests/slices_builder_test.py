@@ -1,0 +1,286 @@
+"""Tests for data_prep.slices_builder: a tiny generated reference layout and the real IXI002 T2."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+from pathlib import Path
+from types import SimpleNamespace
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+from tensorflow_datasets.core.utils import gcs_utils
+
+from data_prep import slices_builder
+from data_prep.slices_builder import Patch2LocSlices, build_slices, read_volumes
+from p2l.errors import ConfigError, DataError
+from p2l.normalization import load_subject
+from p2l.splits import read_ixi_split, read_test_split
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+IXI002_T2 = (
+    SHARED / "data/ixi_defacing_pipeline/data/example_input_hdbet_processed/IXI002-Guys-0828-T2"
+)
+TARGET = (32, 32, 12)
+TRAIN = ["IXI011-A-1", "IXI012-B-2", "IXI013-C-3"]
+VAL = ["IXI021-A-1", "IXI022-B-2"]
+TEST = ["case1", "case2"]
+HEADER = ",img_name,age,label,img_path,mask_path,seg_path\n"
+
+
+def _block_network(mp: pytest.MonkeyPatch) -> None:
+    """Make every attempt to open a network connection raise.
+
+    tfds probes gs://tfds-data through TensorFlow's C++ GCS client (libcurl), which Python socket
+    patches cannot see, so its GCS helpers are made to raise too.
+    """
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args!r}")
+
+    mp.setattr(socket.socket, "connect", refuse)
+    mp.setattr(socket.socket, "connect_ex", refuse)
+    mp.setattr(socket, "create_connection", refuse)
+    mp.setattr(socket, "getaddrinfo", refuse)
+    for name in ("exists", "download_gcs_folder", "download_gcs_dataset"):
+        mp.setattr(gcs_utils, name, refuse)
+
+
+def _phantom(shape, seed):
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
+    radius = np.sqrt((grid**2).sum(axis=0))
+    mask = np.clip((0.8 - radius) / 0.1, 0, 1).astype(np.float32)
+    image = np.clip((300 + 200 * grid[0] + 50 * rng.standard_normal(shape)) * (mask > 0), 0, None)
+    return image.astype(np.float32), mask
+
+
+def _save(path: Path, data: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+
+
+def _ixi_csv(path: Path, subjects: list[str]) -> None:
+    lines = [
+        f"{i},{s}_t1.nii.gz,40,0,/Train/ixi/t1/{s}_t1.nii.gz,/Train/ixi/mask/{s}_mask.nii.gz,\n"
+        for i, s in enumerate(subjects)
+    ]
+    path.write_text(HEADER + "".join(lines))
+
+
+def _write_reference_layout(root: Path, splits: Path) -> None:
+    """IXI T2 scans (train/val/test) and a 'Synth' lesion test set, CSVs naming T1 paths."""
+    splits.mkdir(parents=True)
+    for seed, subject in enumerate(TRAIN + VAL):
+        shape = (30, 34, 14) if seed % 2 else (34, 30, 11)  # crop and pad on every axis
+        image, mask = _phantom(shape, seed)
+        _save(root / f"Train/ixi/t2/{subject}_t2.nii.gz", image.astype(np.int16))
+        _save(root / f"Train/ixi/mask/{subject}_mask.nii.gz", mask)
+    _ixi_csv(splits / "IXI_train_fold0.csv", TRAIN)
+    _ixi_csv(splits / "IXI_val_fold0.csv", VAL)
+    _ixi_csv(splits / "IXI_test.csv", TRAIN[:1])
+    (splits / "avail_t2.csv").write_text(
+        ",0\n" + "".join(f"{i},{s}_t2.nii.gz\n" for i, s in enumerate(TRAIN + VAL))
+    )
+    lines = []
+    for i, subject in enumerate(TEST):
+        image, mask = _phantom((32, 30, 13), 10 + i)
+        seg = np.zeros_like(mask)
+        seg[12:18, 12:16, 4 + i : 8 + i] = 0.5
+        _save(root / f"Test/Synth/t2/{subject}_t2.nii.gz", image)
+        _save(root / f"Test/Synth/mask/{subject}_mask.nii.gz", mask)
+        _save(root / f"Test/Synth/seg/{subject}_seg.nii.gz", seg)
+        lines.append(
+            f"{i},{subject}_t1.nii.gz,50,1,/Test/Synth/t1/{subject}_t1.nii.gz,"
+            f"/Test/Synth/mask/{subject}_mask.nii.gz,/Test/Synth/seg/{subject}_seg.nii.gz\n"
+        )
+    (splits / "Synth_test.csv").write_text(HEADER + "".join(lines))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    base = tmp_path_factory.mktemp("tiny")
+    root, splits = base / "data", base / "splits"
+    _write_reference_layout(root, splits)
+    kwargs = dict(
+        data_root=root,
+        splits_dir=splits,
+        modality="t2",
+        fold=0,
+        test_sets=("Synth",),
+        target_shape=TARGET,
+        expected_spacing=1.0,
+        data_dir=base / "tfds",
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        _block_network(mp)
+        builder = build_slices(**kwargs)
+    return SimpleNamespace(builder=builder, root=root, splits=splits, kwargs=kwargs)
+
+
+def test_splits_and_example_counts(tiny):
+    splits = tiny.builder.info.splits
+    assert set(splits.keys()) == {"train", "val", "ixi_test", "synth"}
+    depth = TARGET[2]
+    assert splits["train"].num_examples == 3 * depth
+    assert splits["val"].num_examples == 2 * depth
+    assert splits["ixi_test"].num_examples == 1 * depth
+    assert splits["synth"].num_examples == 2 * depth
+    assert tiny.builder.builder_config.name.startswith("t2_fold0_")
+    assert tiny.builder.info.disable_shuffling
+
+
+def test_order_and_seg_presence(tiny):
+    for split, subjects, has_seg in [("train", TRAIN, False), ("synth", TEST, True)]:
+        source = tiny.builder.as_data_source(split=split)
+        examples = [source[i] for i in range(len(source))]
+        ids = [e["subject_id"].decode() for e in examples]
+        assert ids == [s for s in subjects for _ in range(TARGET[2])]  # CSV order, slices inner
+        assert [int(e["slice_index"]) for e in examples] == list(range(TARGET[2])) * len(subjects)
+        assert {int(e["num_slices"]) for e in examples} == {TARGET[2]}
+        assert {bool(e["has_seg"]) for e in examples} == {has_seg}
+        first = examples[0]
+        assert first["image"].shape == first["mask"].shape == first["seg"].shape == TARGET[:2]
+        assert first["image"].dtype == np.float32 and first["seg"].dtype == np.uint8
+        if not has_seg:
+            assert all(not e["seg"].any() for e in examples)
+
+
+def test_read_volumes_equals_load_subject(tiny):
+    cases = [
+        ("train", read_ixi_split(tiny.splits, "train", 0, "t2", tiny.root)),
+        ("val", read_ixi_split(tiny.splits, "val", 0, "t2", tiny.root)),
+        ("synth", read_test_split(tiny.splits, "Synth", "t2", tiny.root)),
+    ]
+    for split, rows in cases:
+        volumes = list(read_volumes(tiny.builder, split))
+        assert [v.subject_id for v in volumes] == [r.subject_id for r in rows]
+        for volume, row in zip(volumes, rows, strict=True):
+            subject = load_subject(
+                row.image_path,
+                row.mask_path,
+                row.seg_path,
+                modality="t2",
+                subject_id=row.subject_id,
+                target_shape=TARGET,
+            )
+            assert volume.num_slices == TARGET[2]
+            np.testing.assert_array_equal(volume.image, subject.image)
+            np.testing.assert_array_equal(volume.mask, subject.mask)
+            if subject.seg is None:
+                assert volume.seg is None
+            else:
+                np.testing.assert_array_equal(volume.seg, subject.seg)
+                assert volume.seg.sum() > 0
+
+
+def test_second_build_reuses_and_changed_inputs_change_the_config(tiny, tmp_path, monkeypatch):
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the existing build should have been reused")
+
+    monkeypatch.setattr(slices_builder, "load_subject", must_not_load)
+    again = build_slices(**tiny.kwargs)
+    assert again.data_dir == tiny.builder.data_dir
+    assert again.info.splits["train"].num_examples == 3 * TARGET[2]
+
+    name = tiny.builder.builder_config.name
+    copied = tmp_path / "splits"
+    shutil.copytree(tiny.splits, copied)
+    # Same CSV contents elsewhere: same build. Edited CSV, shape or root: a different one.
+    assert Patch2LocSlices(**{**tiny.kwargs, "splits_dir": copied}).builder_config.name == name
+    val_csv = copied / "IXI_val_fold0.csv"
+    val_csv.write_text(val_csv.read_text() + val_csv.read_text().splitlines()[-1] + "\n")
+    assert Patch2LocSlices(**{**tiny.kwargs, "splits_dir": copied}).builder_config.name != name
+    other_shape = {**tiny.kwargs, "target_shape": (32, 32, 10)}
+    assert Patch2LocSlices(**other_shape).builder_config.name != name
+    other_root = tmp_path / "root_copy"
+    shutil.copytree(tiny.root, other_root)
+    assert Patch2LocSlices(**{**tiny.kwargs, "data_root": other_root}).builder_config.name != name
+
+
+def test_build_logs_one_line_per_volume(tiny, tmp_path, caplog):
+    splits = tmp_path / "splits"
+    shutil.copytree(tiny.splits, splits)
+    _ixi_csv(splits / "IXI_train_fold0.csv", TRAIN[:2])
+    with caplog.at_level(logging.INFO, logger="data_prep.slices_builder"):
+        builder = build_slices(
+            **{**tiny.kwargs, "splits_dir": splits, "test_sets": (), "data_dir": tmp_path / "t"}
+        )
+    lines = [r.getMessage() for r in caplog.records if r.name == "data_prep.slices_builder"]
+    assert len(lines) == 2 + 2 + 1  # train, val, ixi_test volumes
+    assert lines[0] == f"train: volume 1/2 {TRAIN[0]} ({TARGET[2]} slices)"
+    assert set(builder.info.splits.keys()) == {"train", "val", "ixi_test"}
+
+
+def test_missing_scan_fails_before_any_build(tiny, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(tiny.root, root)
+    (root / "Test/Synth/seg/case2_seg.nii.gz").unlink()
+    kwargs = {**tiny.kwargs, "data_root": root, "data_dir": tmp_path / "tfds"}
+    with pytest.raises(DataError, match=r"1 file\(s\)") as info:
+        build_slices(**kwargs)
+    assert info.value.path.endswith("Synth_test.csv")
+    assert "case2_seg.nii.gz" in str(info.value)
+    assert not list((tmp_path / "tfds").rglob("*.array_record*"))
+
+
+def test_bad_arguments(tiny, tmp_path):
+    with pytest.raises(ConfigError, match="test_sets"):
+        Patch2LocSlices(**{**tiny.kwargs, "test_sets": ("Synth", "synth")})
+    with pytest.raises(ConfigError, match="invalid dataset name"):
+        Patch2LocSlices(**{**tiny.kwargs, "test_sets": ("Synth-1",)})
+    with pytest.raises(ConfigError, match="modality"):
+        Patch2LocSlices(**{**tiny.kwargs, "modality": "flair"})
+    with pytest.raises(ConfigError, match="target_shape"):
+        Patch2LocSlices(**{**tiny.kwargs, "target_shape": (32, 32)})
+    absent_root = {**tiny.kwargs, "data_root": tmp_path / "absent", "data_dir": tmp_path / "t"}
+    with pytest.raises(DataError, match="data root folder not found"):
+        build_slices(**absent_root)
+    with pytest.raises(DataError, match="Brats21_test.csv"):
+        Patch2LocSlices(**{**tiny.kwargs, "test_sets": ("Brats21",)})
+
+
+def test_real_ixi002_t2(tmp_path):
+    image = IXI002_T2 / "hd_bet_IXI002-Guys-0828-T2.nii.gz"
+    mask = IXI002_T2 / "hd_bet_mask_IXI002-Guys-0828-T2.nii.gz"
+    if not (image.is_file() and mask.is_file()):
+        pytest.skip(f"real IXI002 T2 scan not available under {IXI002_T2}")
+    root, splits = tmp_path / "data", tmp_path / "splits"
+    subject = "IXI002-Guys-0828"
+    (root / "Train/ixi/t2").mkdir(parents=True)
+    (root / "Train/ixi/mask").mkdir(parents=True)
+    shutil.copy(image, root / f"Train/ixi/t2/{subject}_t2.nii.gz")
+    shutil.copy(mask, root / f"Train/ixi/mask/{subject}_mask.nii.gz")
+    splits.mkdir()
+    for name in ("IXI_train_fold0.csv", "IXI_val_fold0.csv", "IXI_test.csv"):
+        _ixi_csv(splits / name, [subject])
+    (splits / "avail_t2.csv").write_text(f",0\n0,{subject}_t2.nii.gz\n")
+    with pytest.MonkeyPatch.context() as mp:
+        _block_network(mp)
+        # Native space (0.94 x 0.94 x 1.25 mm), not preprocessed: skip the spacing check.
+        builder = build_slices(
+            data_root=root,
+            splits_dir=splits,
+            modality="t2",
+            fold=0,
+            test_sets=(),
+            expected_spacing=None,
+            data_dir=tmp_path / "tfds",
+        )
+    assert {k: v.num_examples for k, v in builder.info.splits.items()} == {
+        "train": 100,
+        "val": 100,
+        "ixi_test": 100,
+    }
+    (volume,) = list(read_volumes(builder, "train"))
+    assert volume.subject_id == subject and volume.seg is None
+    assert volume.image.shape == volume.mask.shape == (192, 192, 100)
+    assert volume.image.min() == 0 and volume.image.max() == 1
+    inside = volume.mask > 0
+    assert inside[:, :, 50].mean() > 0.1  # the brain is in the central crop
+    far_outside = ~ndimage.binary_dilation(inside, iterations=3)
+    assert np.all(volume.image[far_outside] == 0)
+    assert np.median(volume.image[inside]) > 0.1
