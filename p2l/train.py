@@ -306,53 +306,60 @@ def train_and_evaluate(config, workdir: str | Path) -> TrainState:
         _check_finite(pending_step, host, last_saved)
         window.append(host)
 
-    with _StopRequest() as stop:
-        for step in range(start, config.num_steps):
-            batch = parallel.to_global(next(batches), mesh)
-            state, metrics = train_step(state, batch, jax.random.fold_in(base_key, step))
-            if pending is not None:
-                drain(*pending)  # the previous step's metrics, while this step runs
-            pending = (step, metrics)
-            done = step + 1
-            boundary = (
-                done % config.log_every == 0
-                or done % config.eval_every == 0
-                or done % config.checkpoint_every == 0
-                or done == config.num_steps
-                or stop.requested
-            )
-            if not boundary:
-                continue
-            drain(*pending)
-            pending = None
-            scalars = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
-            elapsed = time.perf_counter() - window_start
-            steps_per_s = len(window) / elapsed
-            scalars["patches_per_s"] = sum(m["valid_patches"] for m in window) / elapsed
-            scalars["steps_per_s"] = steps_per_s
-            if done % config.eval_every == 0 or done == config.num_steps:
-                vb = input_pipeline.val_batch(
-                    val_bank, step, config.seed, val_geometry.padded_slices
+    try:
+        with _StopRequest() as stop:
+            for step in range(start, config.num_steps):
+                batch = parallel.to_global(next(batches), mesh)
+                state, metrics = train_step(state, batch, jax.random.fold_in(base_key, step))
+                if pending is not None:
+                    drain(*pending)  # the previous step's metrics, while this step runs
+                pending = (step, metrics)
+                done = step + 1
+                boundary = (
+                    done % config.log_every == 0
+                    or done % config.eval_every == 0
+                    or done % config.checkpoint_every == 0
+                    or done == config.num_steps
+                    or stop.requested
                 )
-                vm = eval_step(
-                    state, parallel.to_global(vb, mesh), jax.random.fold_in(base_key, step)
-                )
-                scalars.update({k: float(v) for k, v in jax.device_get(vm).items()})
-            log.write(done, scalars)
-            if is_main:
-                print(
-                    run_log.progress_line(
-                        done, config.num_steps, scalars, steps_per_s, scalars["patches_per_s"]
-                    ),
-                    flush=True,
-                )
-            if done % config.checkpoint_every == 0 or done == config.num_steps or stop.requested:
-                ckpt.save(done, state)
-                last_saved = done
-            window, window_start = [], time.perf_counter()
-            if stop.requested:
-                print(f"p2l: SIGTERM — checkpointed step {done}, stopping", flush=True)
-                break
-    ckpt.close()
-    log.close()
+                if not boundary:
+                    continue
+                drain(*pending)
+                pending = None
+                scalars = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+                elapsed = time.perf_counter() - window_start
+                steps_per_s = len(window) / elapsed
+                scalars["patches_per_s"] = sum(m["valid_patches"] for m in window) / elapsed
+                scalars["steps_per_s"] = steps_per_s
+                if done % config.eval_every == 0 or done == config.num_steps:
+                    vb = input_pipeline.val_batch(
+                        val_bank, step, config.seed, val_geometry.padded_slices
+                    )
+                    vm = eval_step(
+                        state, parallel.to_global(vb, mesh), jax.random.fold_in(base_key, step)
+                    )
+                    scalars.update({k: float(v) for k, v in jax.device_get(vm).items()})
+                log.write(done, scalars)
+                if is_main:
+                    print(
+                        run_log.progress_line(
+                            done, config.num_steps, scalars, steps_per_s, scalars["patches_per_s"]
+                        ),
+                        flush=True,
+                    )
+                if (
+                    done % config.checkpoint_every == 0
+                    or done == config.num_steps
+                    or stop.requested
+                ):
+                    ckpt.save(done, state)
+                    last_saved = done
+                window, window_start = [], time.perf_counter()
+                if stop.requested:
+                    print(f"p2l: SIGTERM — checkpointed step {done}, stopping", flush=True)
+                    break
+    finally:
+        # Also on errors: finish an in-flight async save, so the last good checkpoint is whole.
+        ckpt.close()
+        log.close()
     return state

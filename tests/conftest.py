@@ -15,3 +15,31 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip("../shared is absent (a user's clone): real-data test skipped")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def small_demo(tmp_path_factory) -> Path:
+    """A small embedded-default dataset (p2l.demo_data) shared by the end-to-end tests."""
+    from p2l import demo_data
+
+    out = tmp_path_factory.mktemp("demo")
+    demo_data.write_demo_dataset(out, seed=0, n_train=8, n_val=2, n_test=2, n_ixi_test=1)
+    return out
+
+
+def demo_config(small_demo: Path, **overrides):
+    """experiments/demo.py:tiny pointed at `small_demo`, with dotted overrides."""
+    from experiments import demo
+
+    config = demo.get_config("tiny")
+    config.data_root = str(small_demo / "data")
+    config.splits_dir = str(small_demo / "splits")
+    config.tfds_dir = str(small_demo / "tfds")
+    config.sampling.slices_per_step = 4
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
