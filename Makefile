@@ -15,7 +15,7 @@ export PYTHONPATH := $(CURDIR)
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo test lint format train clean-demo
+.PHONY: venv demo test lint format train eval sweep tables clean-demo
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,7 +28,7 @@ venv: $(VENV)/.installed
 
 demo: venv
 	$(PY) -m p2l.demo_data --out runs/demo/data
-	$(PY) -m p2l.main --config=experiments/demo.py --workdir=runs/demo $(ARGS)
+	$(PY) -m p2l.main --config=experiments/demo.py --workdir=runs/demo --mode=train_eval $(ARGS)
 
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -43,6 +43,18 @@ format: venv
 
 train: venv
 	$(PY) -m p2l.main --config=$(CONFIG) --workdir=$(WORKDIR) $(ARGS)
+
+eval: venv
+	$(PY) -m p2l.main --config=$(CONFIG) --workdir=$(WORKDIR) --mode=eval $(ARGS)
+
+LAUNCH ?= local
+SWEEP_ARGS ?=
+sweep: venv
+	$(PY) -m p2l.sweep --config=$(CONFIG) --launch=$(LAUNCH) $(SWEEP_ARGS) -- $(ARGS)
+
+RUNS ?= runs
+tables: venv
+	$(PY) -m p2l.tables --runs $(RUNS)
 
 clean-demo:
 	rm -rf runs/demo

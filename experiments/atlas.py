@@ -23,3 +23,8 @@ def get_config(variant: str = ""):
     elif variant:
         raise ValueError(f"unknown variant {variant!r} of experiments/atlas.py (known: 'tiny')")
     return c
+
+
+def sweep():
+    """The paper's protocol: 5 IXI folds (spec §1.1, §8.3), one seed. Add seeds for variance."""
+    return [{"fold": fold, "seed": 3141} for fold in range(5)]

@@ -68,7 +68,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.erode_mask_iterations = 0  # pDDPM protocol option, off in the reference (spec §8.15)
     c.eval.min_component_voxels = 0  # pDDPM protocol option, off in the reference
     c.eval.healthy_quantile = 98.0  # unsupervised threshold: q98 of healthy IXI scores (spec §5.6)
+    c.eval.variant = "combined"  # combined | error | variance (spec §5.3 and the ablations)
+    c.eval.healthy_split = "val"  # healthy IXI volumes for the q98 threshold: val | ixi_test
+    c.eval.healthy_postprocess = True  # filter healthy maps like test maps (spec §8.14: no)
     c.eval.max_volumes = 0  # 0 = all volumes of each test set
+    c.eval.max_healthy_volumes = 0  # 0 = all healthy volumes of eval.healthy_split
+    c.eval.num_figures = 3  # overlay figures of the first volumes of each set
     return c
 
 
@@ -83,4 +88,5 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.eval.stride = 4
     c.eval.batch_size = 1024
     c.eval.max_volumes = 2
+    c.eval.max_healthy_volumes = 2
     return c

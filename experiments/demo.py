@@ -41,3 +41,10 @@ def get_config(variant: str = ""):
     elif variant:
         raise ValueError(f"unknown variant {variant!r} of experiments/demo.py (known: 'tiny')")
     return c
+
+
+def sweep():
+    """A small sweep for CPU: 2 folds x 2 seeds, each a short run (make sweep CONFIG=this)."""
+    short = {"num_steps": 40, "checkpoint_every": 20, "eval_every": 20, "log_every": 10,
+             "eval.stride": 4, "eval.max_volumes": 2, "eval.max_healthy_volumes": 2}  # fmt: skip
+    return [{"fold": f, "seed": s, **short} for f in (0, 1) for s in (0, 1)]

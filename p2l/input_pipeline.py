@@ -52,18 +52,31 @@ def default_tfds_dir(config) -> str:
 
 def build_dataset(config):
     """The tfds builder of this config's modality, fold and test sets (built on first use)."""
+    import jax
+
     from data_prep.slices_builder import build_slices
 
-    return build_slices(
-        data_root=config.data_root,
-        splits_dir=config.splits_dir,
-        modality=config.modality,
-        fold=config.fold,
-        test_sets=tuple(config.test_sets),
-        target_shape=tuple(config.data.image_shape),
-        expected_spacing=config.data.expected_spacing,
-        data_dir=default_tfds_dir(config),
-    )
+    def build():
+        return build_slices(
+            data_root=config.data_root,
+            splits_dir=config.splits_dir,
+            modality=config.modality,
+            fold=config.fold,
+            test_sets=tuple(config.test_sets),
+            target_shape=tuple(config.data.image_shape),
+            expected_spacing=config.data.expected_spacing,
+            data_dir=default_tfds_dir(config),
+        )
+
+    if jax.process_count() == 1:
+        return build()
+    # Multi-process: process 0 builds, the others open the finished build after a barrier
+    # (two writers of one tfds folder would race).
+    from jax.experimental import multihost_utils
+
+    builder = build() if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("p2l: tfds slices built")
+    return builder if builder is not None else build()
 
 
 def load_slice_bank(builder, split: str, image_shape) -> SliceBank:
@@ -180,3 +193,10 @@ def train_batches(bank: SliceBank, config, padded: int, start_step: int):
 def val_batch(bank: SliceBank, step: int, seed: int, padded: int) -> dict:
     rows, slices = select_val_slices(step, bank.num_rows, bank.num_slices, seed)
     return assemble_batch(bank, rows, slices, padded)
+
+
+def read_eval_volumes(builder, split: str):
+    """Ordered (H, W, D) volumes of an evaluation split (image, mask, seg, subject_id)."""
+    from data_prep.slices_builder import read_volumes
+
+    return read_volumes(builder, split)

@@ -18,7 +18,9 @@ from p2l.errors import P2LError
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
 flags.DEFINE_string("workdir", None, "run folder: checkpoints, metrics, results")
-flags.DEFINE_enum("mode", "train", ["train"], "what to run")
+flags.DEFINE_enum(
+    "mode", "train", ["train", "eval", "train_eval"], "train, evaluate the checkpoint, or both"
+)
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs)")
 flags.DEFINE_integer("num_processes", None, "number of processes (multi-process runs)")
 flags.DEFINE_integer("process_id", None, "this process's index (multi-process runs)")
@@ -41,6 +43,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
 
     if _multi_process_requested():
+        # CPU processes need a collectives backend (GPUs use NCCL, TPUs their ICI).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         # Explicit flags win; otherwise JAX reads SLURM / TPU / JAX_* environment variables.
         jax.distributed.initialize(
             coordinator_address=FLAGS.coordinator_address,
@@ -52,10 +56,32 @@ def main(argv):
     from p2l import train
 
     try:
-        if FLAGS.mode == "train":
+        if FLAGS.mode in ("train", "train_eval"):
             train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        if FLAGS.mode == "train_eval" and _already_evaluated(FLAGS.workdir):
+            print(f"p2l: {FLAGS.workdir} is trained and evaluated already (results/summary.json)")
+        elif FLAGS.mode in ("eval", "train_eval"):
+            from p2l import evaluate
+
+            summary = evaluate.evaluate(FLAGS.config, FLAGS.workdir)
+            if jax.process_index() == 0:
+                print(evaluate.format_summary(summary))
+                print(f"results: {FLAGS.workdir}/results/")
     except P2LError as err:
         sys.exit(f"error: {err}")
+
+
+def _already_evaluated(workdir: str) -> bool:
+    """results/summary.json exists and was made from the latest checkpoint (sweeps re-run)."""
+    import json
+    from pathlib import Path
+
+    path = Path(workdir) / "results" / "summary.json"
+    ckpts = Path(workdir) / "checkpoints"
+    if not path.exists() or not ckpts.is_dir():
+        return False
+    steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()]
+    return bool(steps) and json.loads(path.read_text()).get("checkpoint_step") == max(steps)
 
 
 _STARTED = False  # set once flags are parsed; errors before that are flag/config errors

@@ -5,12 +5,17 @@ so that `p2l.convert_torch` maps a PyTorch state dict one to one. Total trainabl
 11,848,068 (encoder 11,167,680 + two heads of 340,194), as the reference.
 
 Speed (issue "Performance"): XLA:CPU's convolution is very slow on the 2x2 and 1x1 feature maps of
-the last two stages (see ../shared/bench/README.md). On such tiny maps a zero-padded 3x3
-convolution is *exactly* a matrix product with a rearranged kernel: on a 1x1 map only the centre
-tap ever touches data, and on a 2x2 map each output pixel reads a fixed set of taps. `Conv`
-below keeps the same `kernel` parameter as `nn.Conv` and picks that formulation at trace time
-(shapes are static), so parameters, checkpoints and results are unchanged; `conv_impl="xla"`
-keeps plain `lax.conv` everywhere for comparison.
+the last two stages (see ../shared/bench/README.md), and its backward pass is slow whenever the
+*output* map is that small (the 4x4 -> 2x2 stride-2 conv of layer3: ~0.5 s per 1024 patches for the
+input gradient alone). On such tiny maps a zero-padded 3x3 convolution is *exactly* a matrix
+product with a rearranged kernel: on a 1x1 map only the centre tap ever touches data, and each
+output pixel of a 2x2 map reads a fixed set of taps. A 1x1 convolution is a strided subsampling
+followed by a matrix product at any size. `Conv` below keeps the same `kernel` parameter as
+`nn.Conv` and picks the formulation at trace time (shapes are static), so parameters,
+checkpoints and results are unchanged; `conv_impl="xla"` keeps plain `lax.conv` everywhere for
+comparison. The stem's max pool has the same forward as `nn.max_pool` and an explicit backward
+that routes each window's gradient to its first maximum exactly like XLA's select-and-scatter,
+which on CPU costs ~5x more than the whole pooled layer's forward.
 """
 
 from __future__ import annotations
@@ -85,11 +90,17 @@ def conv_as_matmul(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> ja
     return y.reshape(n, out, out, cout)
 
 
+def pointwise_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """Exact 1x1 convolution without padding: subsample by `stride`, then one matrix product."""
+    return x[:, ::stride, ::stride, :] @ kernel[0, 0]
+
+
 class Conv(nn.Module):
     """A square conv with symmetric padding and no bias; parameter `kernel` is HWIO like nn.Conv.
 
-    conv_impl: "auto" uses the exact matmul form on maps of at most `matmul_max_size` pixels a side
-    (where XLA:CPU's conv is slow), "xla" always uses lax.conv.
+    conv_impl: "auto" uses the exact matmul form when the output map is at most `matmul_max_out`
+    pixels a side (where XLA:CPU's conv and its gradients are slow) and the pointwise form for
+    unpadded 1x1 kernels; "xla" always uses lax.conv.
     """
 
     features: int
@@ -97,7 +108,7 @@ class Conv(nn.Module):
     stride: int = 1
     padding: int = 0
     conv_impl: str = "auto"
-    matmul_max_size: int = 2
+    matmul_max_out: int = 2
     kernel_init: Any = torchvision_conv_init
     dtype: Any = jnp.float32
 
@@ -110,7 +121,10 @@ class Conv(nn.Module):
         if self.conv_impl not in ("auto", "xla"):
             raise ValueError(f"conv_impl must be 'auto' or 'xla', got {self.conv_impl!r}")
         h = x.shape[1]
-        if self.conv_impl == "auto" and h == x.shape[2] and h <= self.matmul_max_size:
+        out = (h + 2 * self.padding - k) // self.stride + 1
+        if self.conv_impl == "auto" and k == 1 and self.padding == 0:
+            return pointwise_conv(x, kernel, self.stride)
+        if self.conv_impl == "auto" and h == x.shape[2] and out <= self.matmul_max_out:
             return conv_as_matmul(x, kernel, self.stride, self.padding)
         return jax.lax.conv_general_dilated(
             x,
@@ -119,6 +133,55 @@ class Conv(nn.Module):
             padding=[(self.padding, self.padding)] * 2,
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
+
+
+def _max_pool_xla(x: jax.Array) -> jax.Array:
+    """torchvision's stem pool: MaxPool2d(3, stride 2, padding 1), padding never selected."""
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+@jax.custom_vjp
+def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+    """`nn.max_pool(x, (3, 3), (2, 2), padding 1)` with a cheaper, equivalent backward pass.
+
+    Forward is the same reduce_window. The backward gives each window's cotangent to the first
+    maximal element in row-major window order (padding is -inf, never selected), which is what
+    XLA's select-and-scatter (select = `>=`) does for `nn.max_pool`'s gradient, written as nine
+    masked, dilated pads that XLA fuses into one loop.
+    """
+    return _max_pool_xla(x)
+
+
+def _max_pool_fwd(x):
+    out = _max_pool_xla(x)
+    return out, (x, out)
+
+
+def _max_pool_bwd(residuals, g):
+    x, out = residuals
+    _, h, w, _ = x.shape
+    oh, ow = out.shape[1:3]
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    taken = jnp.zeros(out.shape, bool)
+    grad = jnp.zeros(padded.shape, g.dtype)
+    zero = jnp.zeros((), g.dtype)
+    for ty in range(3):
+        for tx in range(3):
+            tap = padded[:, ty : ty + 2 * oh - 1 : 2, tx : tx + 2 * ow - 1 : 2, :]
+            chosen = (tap == out) & ~taken
+            taken = taken | chosen
+            # Place window (i, j)'s share at padded pixel (2i + ty, 2j + tx): interior padding 1.
+            config = (
+                (0, 0, 0),
+                (ty, h + 2 - ty - (2 * oh - 1), 1),
+                (tx, w + 2 - tx - (2 * ow - 1), 1),
+                (0, 0, 0),
+            )
+            grad = grad + jax.lax.pad(jnp.where(chosen, g, zero), zero, config)
+    return (grad[:, 1 : h + 1, 1 : w + 1, :],)
+
+
+max_pool_3x3_s2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def batch_norm(name: str, train: bool, dtype: Any) -> nn.BatchNorm:
@@ -176,7 +239,7 @@ class Encoder(nn.Module):
             name="conv1",
         )(x)
         x = nn.relu(batch_norm("bn1", train, self.dtype)(x, mask=mask))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = max_pool_3x3_s2(x) if self.conv_impl == "auto" else _max_pool_xla(x)
         for stage, width in enumerate(STAGE_WIDTHS):
             for block in range(2):
                 stride = 2 if (stage > 0 and block == 0) else 1

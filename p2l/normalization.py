@@ -17,7 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from p2l.errors import ConfigError, DataError
-from p2l.volume_io import check_same_grid, read_volume
+from p2l.volume_io import Volume, check_same_grid, read_volume
 
 Shape3 = tuple[int, int, int]
 
@@ -253,10 +253,36 @@ def load_subject(
 
     image = read_volume(image_path, kind="image")
     mask = read_volume(mask_path, kind="mask")
+    seg = None if seg_path is None else read_volume(seg_path, kind="seg")
+    return prepare_subject(
+        image,
+        mask,
+        seg,
+        modality=key,
+        subject_id=subject_id,
+        target_shape=target,
+        expected_spacing=expected_spacing,
+    )
+
+
+def prepare_subject(
+    image: Volume,
+    mask: Volume,
+    seg: Volume | None,
+    *,
+    modality: str,
+    subject_id: str,
+    target_shape: tuple[int, int, int] = (192, 192, 100),
+    expected_spacing: float | None = 1.0,
+) -> Subject:
+    """The normalisation chain of `load_subject` on volumes already in memory (spec §2.2)."""
+    key = modality.lower()
+    if key not in NYUL_LANDMARKS:
+        raise ConfigError("modality", f"unknown modality {modality!r}; expected 't1' or 't2'")
+    target = tuple(target_shape)
+    image_path, mask_path = image.path, mask.path
     check_same_grid(image, mask)
-    seg = None
-    if seg_path is not None:
-        seg = read_volume(seg_path, kind="seg")
+    if seg is not None:
         check_same_grid(image, seg)
     if expected_spacing is not None:
         spacing = np.array(image.spacing)

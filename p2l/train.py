@@ -9,6 +9,7 @@ mean are over all valid patches of the step, as in the reference's single-GPU ru
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import time
@@ -25,7 +26,7 @@ import optax
 from jax.sharding import PartitionSpec
 
 from p2l import checkpoint, config_check, input_pipeline, losses, parallel, patches, run_log
-from p2l.errors import P2LError
+from p2l.errors import ConfigError, DataError, P2LError
 from p2l.model import create_model, init_variables
 
 
@@ -363,3 +364,54 @@ def train_and_evaluate(config, workdir: str | Path) -> TrainState:
         ckpt.close()
         log.close()
     return state
+
+
+def restore_variables(config, workdir: str | Path) -> tuple[Any, dict, int]:
+    """(model, eval-mode variables, step) of the latest checkpoint in `workdir`.
+
+    Fails with a clear message when there is no checkpoint, when it was trained for the other
+    modality (run_info.json), or when its shapes do not fit the config (e.g. another patch size).
+    """
+    workdir = Path(workdir)
+    ckpt = checkpoint.Checkpointer(workdir)
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise DataError(workdir, "no checkpoint found: train first (make train CONFIG=...)")
+        info_path = workdir / "run_info.json"
+        if info_path.exists():
+            trained = json.loads(info_path.read_text()).get("config", {})
+            # The network is fully convolutional, so a checkpoint of another patch size would
+            # load without a shape error: compare what fixes the input instead.
+            for key in ("modality", "data.image_shape", "sampling.patch_fraction"):
+                want, got = _dotted(config.to_dict(), key), _dotted(trained, key)
+                if got is not None and list(np.ravel(got)) != list(np.ravel(want)):
+                    raise ConfigError(
+                        key,
+                        f"the checkpoint in {workdir} was trained with {key}={got!r}, "
+                        f"but this config has {want!r}",
+                    )
+        model = create_model(config)
+        tx = make_optimizer(config)
+        like = create_train_state(config, model, tx, jax.random.key(0))
+        like = jax.device_put(like, parallel.replicated(parallel.create_mesh()))
+        try:
+            state = ckpt.restore(like, step)
+        except (ValueError, KeyError, TypeError) as err:
+            raise DataError(
+                workdir / "checkpoints" / str(step),
+                "checkpoint does not match this config's model (another patch size or "
+                f"architecture?): {str(err).splitlines()[0][:300]}",
+            ) from None
+    finally:
+        ckpt.close()
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    return model, variables, int(step)
+
+
+def _dotted(tree: dict, key: str):
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree

@@ -1,0 +1,163 @@
+"""Lesion heatmap for one scan: python -m p2l.detect --workdir W --input scan.nii.gz --modality t2
+[--brain-mask m.nii.gz] --output PREFIX.
+
+Runs the training-time normalisation (spec §2.2), the sliding-window heatmap and post-processing,
+and writes PREFIX_score / _error / _logvar / _mask .nii.gz in the input scan's own grid and affine
+(the 192x192x100 crop is mapped back; voxels outside it are 0), plus PREFIX_overlay.png.
+
+The scan must be preprocessed like the training data (skull-stripped, registered, 1 mm: see
+data_prep); the spacing is checked. The mask threshold is the one `make eval` stored in
+W/results/summary.json (validation-tuned if available, else healthy q98) or --threshold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+
+from p2l.errors import ConfigError, DataError, P2LError
+
+
+def load_run_config(workdir: Path) -> ml_collections.ConfigDict:
+    info = Path(workdir) / "run_info.json"
+    if not info.exists():
+        raise DataError(info, "not found: --workdir must be a trained p2l run folder")
+    return ml_collections.ConfigDict(json.loads(info.read_text())["config"])
+
+
+def stored_threshold(workdir: Path) -> tuple[float, str] | None:
+    path = Path(workdir) / "results" / "summary.json"
+    if not path.exists():
+        return None
+    thresholds = json.loads(path.read_text()).get("thresholds", {})
+    for key, value in thresholds.items():
+        if key.startswith("validation") and value.get("value") is not None:
+            return float(value["value"]), key
+    value = thresholds.get("healthy_q98", {}).get("value")
+    return (float(value), "healthy_q98") if value is not None else None
+
+
+def derive_brain_mask(image, path: Path):
+    """Non-zero voxels of a skull-stripped scan; refuses scans with no zero background."""
+    from p2l.volume_io import Volume
+
+    nonzero = image.data != 0
+    fraction = float(nonzero.mean())
+    if fraction > 0.9 or not nonzero.any():
+        raise DataError(
+            path,
+            f"{100 * fraction:.0f} % of voxels are non-zero: the scan does not look "
+            "skull-stripped, so no brain mask can be derived. Pass --brain-mask.",
+        )
+    print(f"p2l.detect: no --brain-mask given; using the {nonzero.sum():,} non-zero voxels of "
+          "the skull-stripped scan as the brain mask")  # fmt: skip
+    return Volume(nonzero.astype(np.float32), image.affine, f"{path} (non-zero voxels)")
+
+
+def detect(args) -> dict[str, Path]:
+    from p2l import evaluate, figures, normalization, thresholds, train
+    from p2l.volume_io import read_volume, write_volume_atomic
+
+    workdir = Path(args.workdir)
+    config = load_run_config(workdir)
+    if args.modality != config.modality:
+        raise ConfigError(
+            "modality",
+            f"the model in {workdir} was trained on {config.modality.upper()} scans, "
+            f"but --modality is {args.modality}",
+        )
+    image = read_volume(args.input, kind="image")
+    if args.brain_mask:
+        mask = read_volume(args.brain_mask, kind="mask")
+    else:
+        mask = derive_brain_mask(image, Path(args.input))
+    subject = normalization.prepare_subject(
+        image,
+        mask,
+        None,
+        modality=args.modality,
+        subject_id=Path(args.input).name,
+        target_shape=tuple(config.data.image_shape),
+        expected_spacing=config.data.expected_spacing,
+    )
+    if args.threshold is not None:
+        threshold, source = args.threshold, "--threshold"
+    else:
+        found = stored_threshold(workdir)
+        if found is None:
+            raise DataError(
+                workdir / "results" / "summary.json",
+                "no stored threshold: run `make eval` for this workdir or pass --threshold",
+            )
+        threshold, source = found
+    if args.stride:
+        config.eval.stride = args.stride
+    model, variables, step = train.restore_variables(config, workdir)
+    scorer = evaluate.Scorer(config, model, variables)
+    sv = scorer(subject.subject_id, subject.image, subject.mask, None)
+    prediction = thresholds.predict(sv.score, threshold) & (subject.mask > 0)
+
+    outputs = {
+        "score": sv.score,
+        "error": sv.raw.error * (subject.mask > 0),
+        "logvar": sv.raw.logvar * (subject.mask > 0),
+        "mask": prediction.astype(np.uint8),
+    }
+    prefix = Path(args.output)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name, array in outputs.items():
+        path = prefix.with_name(f"{prefix.name}_{name}.nii.gz")
+        back = subject.crop_pad.invert(array, fill=0)  # the input scan's own grid
+        dtype = np.uint8 if name == "mask" else np.float32
+        write_volume_atomic(path, back, subject.source_affine, dtype=dtype)
+        written[name] = path
+    png = prefix.with_name(f"{prefix.name}_overlay.png")
+    figures.overlay(
+        png,
+        subject.image,
+        sv.score,
+        subject.mask,
+        None,
+        prediction,
+        title=f"{Path(args.input).name}: threshold {threshold:.4g} ({source}), "
+        f"{int(prediction.sum()):,} voxels flagged",
+    )
+    written["overlay"] = png
+    print(
+        f"p2l.detect: checkpoint step {step}, threshold {threshold:.4g} from {source}, "
+        f"{int(prediction.sum()):,} voxels flagged; wrote "
+        + ", ".join(str(p) for p in written.values())
+    )
+    return written
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workdir", required=True, help="trained run folder (make train)")
+    ap.add_argument("--input", required=True, help="preprocessed scan (.nii/.nii.gz)")
+    ap.add_argument("--brain-mask", help="brain mask on the scan's grid (default: non-zero voxels)")
+    ap.add_argument("--modality", required=True, choices=("t1", "t2"))
+    ap.add_argument("--output", required=True, help="output prefix, e.g. out/patient1")
+    ap.add_argument("--threshold", type=float, help="score threshold for the mask")
+    ap.add_argument("--stride", type=int, help="sliding-window stride (default: the config's)")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        detect(args)
+    except P2LError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
