@@ -173,10 +173,14 @@ def evaluate_set(config, scorer: Scorer, builder, dataset: str, policy_threshold
                 name=rec.subject_id,
             )
         )
+        brain = rec.mask > 0
+        lesion = brain & (rec.seg > 0)
+        # Do lesion voxels score higher than the rest of the brain? (the paper's premise)
+        row["score_lesion_mean"] = float(sv.score[lesion].mean()) if lesion.any() else np.nan
+        row["score_normal_brain_mean"] = float(sv.score[brain & ~lesion].mean())
         row["patches_evaluated"] = sv.raw.patches_evaluated
         row["seconds"] = time.perf_counter() - t0
         rows.append(row)
-        brain = rec.mask > 0
         if i < ev.num_figures:
             thr = next((policy_thresholds[k] for k in ("validation", "healthy_q98")
                         if policy_thresholds.get(k) is not None), None)  # fmt: skip

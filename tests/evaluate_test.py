@@ -3,7 +3,6 @@ single-scan detection in the input grid, and the errors users can hit."""
 
 import json
 import shutil
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -94,7 +93,7 @@ def test_detect_refuses_a_scan_and_mask_on_different_grids(trained, small_demo, 
     _, workdir, _ = trained
     scan = sorted((small_demo / "data" / "Test" / "Synth" / "t2").glob("*.nii.gz"))[0]
     img = nib.load(scan)
-    shifted = nib.Nifti1Image(np.asarray(img.dataobj)[1:] > 0, img.affine)
+    shifted = nib.Nifti1Image((np.asarray(img.dataobj)[1:] > 0).astype(np.float32), img.affine)
     nib.save(shifted, tmp_path / "mask.nii.gz")
     args = detect.parse_args(
         ["--workdir", str(workdir), "--input", str(scan), "--modality", "t2",
