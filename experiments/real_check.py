@@ -148,11 +148,18 @@ def prepare(shared: Path, out: Path) -> tuple[Path, Path]:
     return data_root, splits
 
 
-def run(shared: Path, workdir: Path) -> list[dict]:
+def run(shared: Path, workdir: Path, **overrides) -> list[dict]:
+    """Prepares the inputs, trains, evaluates; returns the per-volume rows (dicts of strings)."""
     from p2l import evaluate, train
 
     data_root, splits = prepare(shared, workdir / "input")
     config = get_config()
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
     config.data_root = str(data_root)
     config.splits_dir = str(splits)
     config.tfds_dir = str(workdir / "input" / "tfds")

@@ -35,6 +35,7 @@ from p2l import (
     input_pipeline,
     metrics,
     normalization,
+    parallel,
     patches,
     postprocess,
     run_log,
@@ -61,7 +62,7 @@ class Scorer:
     def __init__(self, config, model, variables):
         self.config = config
         self.model = model
-        self.variables = variables
+        self.variables = heatmaps.local_variables(variables)
         self.patch = patches.patch_size_for(
             config.data.image_shape[0], config.sampling.patch_fraction
         )
@@ -100,15 +101,15 @@ def _limit(iterable, n: int):
 
 def healthy_threshold(config, scorer: Scorer, builder) -> tuple[float, int]:
     ev = config.eval
-    values, n = [], 0
-    records = _limit(
+    values = []
+    records = _my_share(
         input_pipeline.read_eval_volumes(builder, ev.healthy_split), ev.max_healthy_volumes
     )
     for rec in tqdm(records, desc=f"healthy IXI ({ev.healthy_split})", unit="vol"):
         sv = scorer(rec.subject_id, rec.image, rec.mask, None, filtered=ev.healthy_postprocess)
         values.append(sv.score[rec.mask > 0])
-        n += 1
-    return thresholds.healthy_quantile_threshold(values, q=ev.healthy_quantile), n
+    values = [v for share in parallel.gather_objects(values) for v in share]
+    return thresholds.healthy_quantile_threshold(values, q=ev.healthy_quantile), len(values)
 
 
 def validation_threshold(config, scorer: Scorer, dataset: str) -> tuple[float | None, int]:
@@ -119,9 +120,9 @@ def validation_threshold(config, scorer: Scorer, dataset: str) -> tuple[float | 
     rows = splits.read_test_split(
         config.splits_dir, dataset, config.modality, config.data_root, part="val"
     )
-    scores, segs, masks = [], [], []
+    compact = []
     for row in tqdm(
-        _limit(rows, config.eval.max_volumes), desc=f"{dataset} validation", unit="vol"
+        _my_share(rows, config.eval.max_volumes), desc=f"{dataset} validation", unit="vol"
     ):
         subject = normalization.load_subject(
             row.image_path,
@@ -133,12 +134,37 @@ def validation_threshold(config, scorer: Scorer, dataset: str) -> tuple[float | 
             expected_spacing=config.data.expected_spacing,
         )
         sv = scorer(subject.subject_id, subject.image, subject.mask, subject.seg)
-        scores.append(sv.score)
-        segs.append(subject.seg if subject.seg is not None else np.zeros_like(sv.score, bool))
-        masks.append(subject.mask > 0)
-    if not scores:
+        seg = subject.seg if subject.seg is not None else np.zeros(sv.score.shape, np.uint8)
+        compact.append(_compact_volume(sv.score, seg > 0, subject.mask > 0))
+    volumes = [_expand_volume(c) for share in parallel.gather_objects(compact) for c in share]
+    if not volumes:
         return None, 0
+    scores, segs, masks = (list(x) for x in zip(*volumes))
     return thresholds.validation_threshold(scores, segs, masks), len(scores)
+
+
+def _compact_volume(score, seg, brain):
+    """What the threshold search needs of a volume, small enough to gather across processes.
+
+    Outside the brain mask the post-processed score is exactly 0 (spec §5.5), so only in-brain
+    scores, the lesion flags and the outside-brain lesion count are kept. The expanded volume
+    is a permutation of the original voxels, and the threshold search only counts voxels.
+    """
+    assert not np.any(score[~brain]), "post-processed scores must be 0 outside the brain"
+    return (score[brain], seg[brain], int((~brain).sum()), int(seg[~brain].sum()))
+
+
+def _expand_volume(compact):
+    inside_score, inside_seg, n_out, n_out_lesion = compact
+    score = np.concatenate([inside_score, np.zeros(n_out, inside_score.dtype)])
+    seg = np.concatenate([inside_seg, np.arange(n_out) < n_out_lesion])
+    brain = np.concatenate([np.ones(inside_seg.size, bool), np.zeros(n_out, bool)])
+    return score, seg, brain
+
+
+def _my_share(iterable, limit: int) -> list:
+    """This process's share of the first `limit` items (all items when limit is 0)."""
+    return parallel.process_share(list(_limit(iterable, limit)))
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -156,7 +182,7 @@ def evaluate_set(config, scorer: Scorer, builder, dataset: str, policy_threshold
     rows, density = [], {"err": [], "var": [], "lesion": []}
     ev = config.eval
     split = dataset.lower()
-    records = _limit(input_pipeline.read_eval_volumes(builder, split), ev.max_volumes)
+    records = _my_share(input_pipeline.read_eval_volumes(builder, split), ev.max_volumes)
     for i, rec in enumerate(tqdm(records, desc=f"{dataset} test", unit="vol")):
         if rec.seg is None:
             raise ConfigError("test_sets", f"{dataset} volumes have no segmentation")
@@ -197,7 +223,12 @@ def evaluate_set(config, scorer: Scorer, builder, dataset: str, policy_threshold
             density["err"].append(np.log(sv.raw.error[brain] + 1e-10))
             density["var"].append(sv.raw.logvar[brain])
             density["lesion"].append(rec.seg[brain] > 0)
-    _write_csv(out / f"{split}_volumes.csv", rows)
+    # Per-volume rows of all processes, in volume order; written once, by process 0.
+    shares = parallel.gather_objects(rows)
+    rows = [r for i in range(max(map(len, shares), default=0)) for s in shares if i < len(s)
+            for r in [s[i]]]  # fmt: skip
+    if jax.process_index() == 0:
+        _write_csv(out / f"{split}_volumes.csv", rows)
     if density["err"]:
         figures.error_variance_density(
             out / f"{split}_error_vs_variance.png",
@@ -242,7 +273,9 @@ def evaluate(config, workdir: str | Path) -> dict:
             "metrics": metrics.aggregate(rows),
         }
     summary["seconds"] = time.perf_counter() - t_start
-    run_log.write_json_atomic(out / "summary.json", _finite(summary))
+    summary["processes"] = jax.process_count()
+    if jax.process_index() == 0:
+        run_log.write_json_atomic(out / "summary.json", _finite(summary))
     return summary
 
 

@@ -97,6 +97,18 @@ def grid_points_needed(region_HxWxD: np.ndarray, stride: int) -> np.ndarray:
     return hits > 0
 
 
+def local_variables(variables: dict) -> dict:
+    """Host copies of (replicated) variables, so a multi-process run can evaluate its share of
+    volumes on its own devices (global arrays cannot be moved to a process-local mesh)."""
+
+    def local(a):
+        if isinstance(a, jax.Array) and not a.is_fully_addressable:
+            return np.asarray(a.addressable_data(0))
+        return a
+
+    return jax.tree_util.tree_map(local, variables)
+
+
 @partial(jax.jit, static_argnames=("model", "patch"))
 def _forward(model, variables, padded_DxHpxWp, z_N, y_N, x_N, height, width, num_slices, patch):
     cut = patches.extract_patches(padded_DxHpxWp, z_N, y_N, x_N, patch)[..., None]
@@ -148,7 +160,7 @@ def volume_heatmap(
         variables = jax.tree_util.tree_map(lambda a: a.astype(dtype), variables)
     repl = parallel.replicated(mesh)
     shard = parallel.batch_sharded(mesh)
-    variables = jax.device_put(variables, repl)
+    variables = jax.device_put(local_variables(variables), repl)
     slices = np.moveaxis(np.asarray(volume_HxWxD, np.float32), 2, 0)  # (D, H, W)
     padded = jax.device_put(patches.pad_slices(jnp.asarray(slices), patch), repl)
 

@@ -49,3 +49,24 @@ def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
         global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
         out[name] = jax.make_array_from_process_local_data(sharding, local, global_shape)
     return out
+
+
+def process_share(items: list) -> list:
+    """This process's items of a list split round-robin across processes (evaluation)."""
+    return items[jax.process_index() :: jax.process_count()]
+
+
+def gather_objects(obj) -> list:
+    """Every process's `obj` (any picklable), in process order, on every process."""
+    if jax.process_count() == 1:
+        return [obj]
+    import pickle
+
+    from jax.experimental import multihost_utils
+
+    payload = np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), np.uint8)
+    sizes = multihost_utils.process_allgather(np.array([payload.size], np.int64))
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: payload.size] = payload
+    everything = multihost_utils.process_allgather(padded)
+    return [pickle.loads(everything[i, : int(sizes[i, 0])].tobytes()) for i in range(len(sizes))]

@@ -1,4 +1,4 @@
-"""Sliding-window heatmaps: patch order and targets, reference upsampling, provably safe skipping."""
+"""Sliding-window heatmaps: patch order, targets, reference upsampling, provably safe skipping."""
 
 import jax
 import numpy as np

@@ -1,0 +1,28 @@
+"""The real-data check (experiments/real_check.py) on the scans of ../shared/data."""
+
+import pytest
+
+from experiments import real_check
+
+
+def test_lesions_score_higher_than_the_rest_of_the_brain(shared_dir, tmp_path):
+    rows = real_check.run(shared_dir, tmp_path, **{"eval.stride": 12, "eval.num_figures": 1})
+    assert {r["dataset"] for r in rows} == {"MSLUB", "BraTS15"}
+    assert len(rows) == 6
+    margins = [float(r["score_lesion_mean"]) - float(r["score_normal_brain_mean"]) for r in rows]
+    # One healthy training subject and 150 steps: the effect is small but must be there.
+    assert sum(m > 0 for m in margins) >= 5, margins
+    assert sum(margins) / len(margins) > 0
+    for r in rows:
+        assert 0.5 < float(r["auroc"]) <= 1.0
+    results = tmp_path / "run" / "results"
+    assert (results / "summary.json").exists()
+    assert list(results.glob("*_overlay.png"))
+
+
+def test_missing_shared_folder_is_a_clear_error(tmp_path, capsys):
+    assert real_check.main(["--shared", str(tmp_path / "nowhere")]) == 1
+    assert "not found" in capsys.readouterr().err
+
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
