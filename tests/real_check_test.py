@@ -5,6 +5,7 @@ import pytest
 from experiments import real_check
 
 
+@pytest.mark.slow
 def test_lesions_score_higher_than_the_rest_of_the_brain(shared_dir, tmp_path):
     rows = real_check.run(shared_dir, tmp_path, **{"eval.stride": 12, "eval.num_figures": 1})
     assert {r["dataset"] for r in rows} == {"MSLUB", "BraTS15"}
