@@ -15,7 +15,7 @@ export PYTHONPATH := $(CURDIR)
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo test test-slow lint format train eval sweep tables clean-demo
+.PHONY: venv demo test test-slow lint format train eval prepare sweep tables clean-demo
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,13 @@ train: venv
 
 eval: venv
 	$(PY) -m p2l.main --config=$(CONFIG) --workdir=$(WORKDIR) --mode=eval $(ARGS)
+
+WORKERS ?= 1
+ATLAS ?=
+PREPARE_ARGS ?=
+prepare: venv
+	$(PY) -m data_prep.prepare --dataset $(DATASET) --raw $(RAW) --out $(OUT) $(if $(ATLAS),--atlas $(ATLAS)) --workers $(WORKERS) $(PREPARE_ARGS)
+	$(PY) -m data_prep.validate $(OUT)
 
 LAUNCH ?= local
 SWEEP_ARGS ?=

@@ -91,8 +91,9 @@ def _under_root(data_root: Path, relative: str) -> Path:
 
 
 def _modality_mask(mask_path: Path, modality: str) -> Path:
-    # data_prep writes one mask folder per modality (`mask_t2/`), because the reference pipelines
-    # wrote T1 and T2 masks to the same `mask/` folder (spec §2.1); prefer it when present.
+    # data_prep writes one mask (and seg) folder per modality (`mask_t2/`, `seg_t2/`), because T1
+    # and T2 are registered independently and the reference pipelines wrote both modalities' masks
+    # to the same `mask/` folder (spec §2.1); prefer the modality's own file when present.
     candidate = mask_path.parent.with_name(f"{mask_path.parent.name}_{modality}") / mask_path.name
     return candidate if candidate.is_file() else mask_path
 
@@ -117,6 +118,7 @@ def _rows(
         img_name, img_path, mask_path = record.img_name, record.img_path, record.mask_path
         seg_value = record.seg_path if has_seg else None
         seg = _under_root(root, seg_value) if isinstance(seg_value, str) and seg_value else None
+        seg = None if seg is None else _modality_mask(seg, modality)
         rows.append(
             SplitRow(
                 subject_id=_subject_id(img_name),

@@ -187,3 +187,22 @@ def test_bad_csv_content_and_arguments(tmp_path):
         read_ixi_split(splits, "train", 0, "flair", root)
     with pytest.raises(ConfigError, match="part"):
         read_ixi_split(splits, "holdout", 0, "t1", root)
+
+
+def test_modality_seg_folder_is_preferred(tmp_path):
+    """data_prep writes seg_<modality>/ beside seg/ (T1 and T2 are registered separately)."""
+    from p2l import splits
+
+    root, sp = tmp_path / "root", tmp_path / "splits"
+    for rel in ("Test/X/t2/a_t2.nii.gz", "Test/X/mask/a_mask.nii.gz", "Test/X/seg/a_seg.nii.gz",
+                "Test/X/seg_t2/a_seg.nii.gz"):  # fmt: skip
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"")
+    sp.mkdir()
+    (sp / "X_test.csv").write_text(
+        ",img_name,label,img_path,mask_path,seg_path\n"
+        "0,a,1,/Test/X/t1/a_t1.nii.gz,/Test/X/mask/a_mask.nii.gz,/Test/X/seg/a_seg.nii.gz\n"
+    )
+    (row,) = splits.read_test_split(sp, "X", "t2", root)
+    assert row.seg_path.endswith("seg_t2/a_seg.nii.gz")
+    assert row.image_path.endswith("t2/a_t2.nii.gz")
