@@ -15,7 +15,7 @@ export PYTHONPATH := $(CURDIR)
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo test test-slow lint format train eval prepare sweep tables clean-demo
+.PHONY: venv demo test test-slow lint format train eval prepare sweep tables bench clean-demo
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -61,6 +61,9 @@ LAUNCH ?= local
 SWEEP_ARGS ?=
 sweep: venv
 	$(PY) -m p2l.sweep --config=$(CONFIG) --launch=$(LAUNCH) $(SWEEP_ARGS) -- $(ARGS)
+
+bench: venv
+	$(PY) -m p2l.bench $(ARGS)
 
 RUNS ?= runs
 tables: venv

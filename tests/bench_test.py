@@ -1,0 +1,125 @@
+"""`make bench` (p2l.bench) and the side-by-side comparison (benchmarks/side_by_side.py)."""
+
+import json
+
+import pytest
+
+from benchmarks import side_by_side
+from p2l import bench
+
+TINY = [
+    "--image-size", "32", "--patch-size", "8", "--patches", "64", "--train-slices", "8",
+    "--steps", "2", "--warmup", "1", "--infer-batch", "64", "--infer-reps", "2",
+    "--slices", "1", "--stride1-slices", "1", "--full-slices", "2",
+    "--pipeline-volumes", "2", "--pipeline-batches", "3",
+]  # fmt: skip
+
+
+def test_bench_prints_one_json_line_with_every_figure(capsys):
+    assert bench.main(TINY) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1, out  # tfds progress and logs go to stderr
+    r = json.loads(out[0])
+    assert r["impl"] == "p2l" and r["device_count"] >= 1 and r["device_kind"]
+    assert r["dtype"] == "float32" and r["peak_host_memory_mib"] > 0
+    tr = r["train"]
+    # 4x candidates on half-brain slices: the 64-slot buffer is full every step.
+    assert tr["valid_patches_mean"] == 64 and tr["train_patches_per_s"] > 0
+    assert tr["steps_timed"] == 2 and tr["includes_sampling"] is True
+    inf = r["infer"]
+    assert inf["infer_patches_per_s"] > 0 and inf["forward_batch_global"] == 64
+    v = inf["volume"]
+    assert (v["stride"], v["slices"]) == (4, 1)
+    assert 0 < v["patches"] < v["patches_dense"] == 8 * 8  # skipping outside the brain
+    assert v["extrapolated_full_volume_slices"] == 2
+    assert v["extrapolated_full_volume_wall_s"] == pytest.approx(2 * v["wall_s"])
+    assert inf["volume_stride1"]["patches_dense"] == 32 * 32
+    p = r["pipeline"]
+    assert p["read_slices"] == 2 * 48 and p["read_slices_per_s"] > 0
+    assert p["batch_slices"] == 3 * 2 and p["batch_slices_per_s"] > 0
+
+
+def test_bench_rejects_bad_sizes(capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--patches", "0"])
+    assert "--patches must be >= 1" in capsys.readouterr().err
+
+
+def test_synthetic_slices_are_brain_like():
+    import numpy as np
+
+    image, mask = bench.synthetic_slices(5, 40, 40, np.random.default_rng(0))
+    assert image.shape == mask.shape == (5, 40, 40)
+    assert set(np.unique(mask)) == {0.0, 1.0}
+    assert not image[mask == 0].any() and 0.15 < mask.mean() < 0.6
+
+
+# --- side by side ---------------------------------------------------------------------------------
+
+
+def _run(train, infer, vol_wall=None):
+    r = {"train": {"train_patches_per_s": train}, "infer": {"infer_patches_per_s": infer}}
+    if vol_wall is not None:
+        r["infer"]["volume"] = {"wall_s": 1.0, "extrapolated_full_volume_wall_s": vol_wall}
+    return r
+
+
+def test_ratios_are_paired_per_round_and_oriented_so_above_one_is_faster():
+    pairs = [
+        (_run(100, 1000, vol_wall=60.0), _run(150, 1100, vol_wall=30.0)),
+        (_run(200, 1000, vol_wall=60.0), _run(100, 3000, vol_wall=20.0)),
+        (_run(100, 2000), _run(120, 2000)),
+    ]
+    s = side_by_side.summarize(pairs)
+    tr = s["train_patches_per_s"]
+    assert tr["ratios"] == pytest.approx([1.5, 0.5, 1.2])
+    assert (tr["ratio_min"], tr["ratio_median"], tr["ratio_max"]) == pytest.approx((0.5, 1.2, 1.5))
+    assert tr["reference_median"] == 100 and tr["p2l_median"] == 120
+    assert s["infer_patches_per_s"]["ratio_median"] == pytest.approx(1.1)
+    vol = s["volume_full_wall_s"]  # time: reference / p2l, only rounds that measured it
+    assert vol["ratios"] == pytest.approx([2.0, 3.0]) and "time" in vol["ratio_definition"]
+    assert "volume_stride1_full_wall_s" not in s
+
+
+def test_last_json_line_ignores_progress_output():
+    text = 'Downloading...\n{"a": 1}\nnot json {\n{"b": 2}\ntrailing words\n'
+    assert side_by_side.last_json_line(text) == {"b": 2}
+    with pytest.raises(ValueError, match="no JSON"):
+        side_by_side.last_json_line("nothing here\n")
+
+
+def test_interleaves_reference_and_p2l(monkeypatch):
+    calls = []
+
+    def fake_run(cmd, label, env=None, timeout=None):
+        calls.append(cmd[0])
+        return {"who": cmd[0]}
+
+    monkeypatch.setattr(side_by_side, "run_json", fake_run)
+    pairs = side_by_side.interleave(["ref"], ["p2l"], 3)
+    assert calls == ["ref", "p2l"] * 3
+    assert pairs == [({"who": "ref"}, {"who": "p2l"})] * 3
+
+
+def test_skips_cleanly_without_the_reference(tmp_path, capsys):
+    assert side_by_side.main(["--reference", str(tmp_path / "absent.py")]) == 0
+    assert "skipped" in capsys.readouterr().out
+
+
+def test_skips_cleanly_when_torch_is_missing_and_setup_is_off(tmp_path, capsys):
+    script = tmp_path / "reference_torch.py"
+    script.write_text("print('{}')\n")
+    argv = ["--reference", str(script), "--ref-venv", str(tmp_path / "novenv"), "--no-setup"]
+    assert side_by_side.main(argv) == 0
+    assert "skipped" in capsys.readouterr().out
+
+
+def test_both_harnesses_get_the_same_size_flags():
+    args = side_by_side.parse_args(["--patches", "512", "--infer-batch", "256", "--skip-volumes"])
+    flags = side_by_side.shared_args(args)
+    assert flags[flags.index("--patches") + 1] == "512"
+    assert flags[flags.index("--infer-batch") + 1] == "256"
+    assert flags[flags.index("--slices") + 1] == "0"
+    assert flags[flags.index("--stride1-slices") + 1] == "0"
+    # Every shared flag exists in p2l.bench with the same spelling.
+    bench.parse_args(flags)
