@@ -15,7 +15,7 @@ export PYTHONPATH := $(CURDIR)
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo test test-slow lint format train eval prepare sweep tables bench clean-demo
+.PHONY: venv demo test test-slow lint format train eval prepare sweep tables bench bench-compare bench-layers clean-demo
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -64,6 +64,13 @@ sweep: venv
 
 bench: venv
 	$(PY) -m p2l.bench $(ARGS)
+
+# p2l vs ../shared/bench/reference_torch.py, interleaved A B A B (creates .venv-ref with torch).
+bench-compare: venv
+	$(PY) -m benchmarks.side_by_side $(ARGS)
+
+bench-layers: venv
+	$(PY) -m benchmarks.layer_probe $(ARGS)
 
 RUNS ?= runs
 tables: venv

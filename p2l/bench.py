@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from p2l import heatmaps, input_pipeline, parallel, patches, postprocess, train
+from p2l import heatmaps, input_pipeline, parallel, patches, postprocess, train, xla_flags
 from p2l.model import create_model, init_variables
 
 MEDIAN_SIZE = postprocess.DEFAULT_MEDIAN_SIZE
@@ -387,6 +387,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--pipeline-volumes", type=int, default=4, help="volumes of the tfds build")
     ap.add_argument("--pipeline-batches", type=int, default=24, help="batches iterated")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--no-xla-flags",
+        action="store_true",
+        help="do not add p2l.xla_flags.CPU_FLAGS (for A/B runs)",
+    )
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--skip-infer", action="store_true")
     ap.add_argument("--skip-pipeline", action="store_true")
@@ -398,16 +403,18 @@ def parse_args(argv=None) -> argparse.Namespace:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
         ap.error("--warmup must be >= 0")
-    on_cpu = jax.default_backend() == "cpu"
-    if args.slices is None:
-        args.slices = 12 if on_cpu else args.full_slices
-    if args.stride1_slices is None:
-        args.stride1_slices = 2 if on_cpu else args.full_slices
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if not args.no_xla_flags:
+        xla_flags.apply()  # before the first JAX call below starts the backend
+    on_cpu = jax.default_backend() == "cpu"
+    if args.slices is None:
+        args.slices = 12 if on_cpu else args.full_slices
+    if args.stride1_slices is None:
+        args.stride1_slices = 2 if on_cpu else args.full_slices
     mesh = parallel.create_mesh()
     dev = jax.devices()[0]
     result = {

@@ -20,6 +20,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
+from p2l import xla_flags
 from p2l.errors import ConfigError, DataError, P2LError
 
 
@@ -151,6 +152,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    xla_flags.apply()  # before JAX starts its backend
     try:
         detect(args)
     except P2LError as err:

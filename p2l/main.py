@@ -36,6 +36,9 @@ def _multi_process_requested() -> bool:
 
 def main(argv):
     del argv
+    from p2l import xla_flags
+
+    xla_flags.apply()  # before JAX starts its backend
     import jax
     from absl import logging
 

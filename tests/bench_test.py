@@ -123,3 +123,58 @@ def test_both_harnesses_get_the_same_size_flags():
     assert flags[flags.index("--stride1-slices") + 1] == "0"
     # Every shared flag exists in p2l.bench with the same spelling.
     bench.parse_args(flags)
+
+
+def test_default_xla_flags_are_added_once_and_never_override(monkeypatch):
+    import jax._src.xla_bridge as xla_bridge
+
+    from p2l import xla_flags
+
+    monkeypatch.setattr(xla_flags.jax, "__version__", xla_flags.PINNED_JAX)
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    assert xla_flags.apply() == list(xla_flags.CPU_FLAGS)
+    assert xla_flags.apply() == []  # idempotent
+    flags = xla_flags.os.environ["XLA_FLAGS"].split()
+    assert flags[0] == "--xla_force_host_platform_device_count=2" and len(flags) == 2
+    name = xla_flags.CPU_FLAGS[0].split("=")[0]
+    monkeypatch.setenv("XLA_FLAGS", f"{name}=dot")  # the user's own value wins
+    assert xla_flags.apply() == []
+    monkeypatch.setattr(xla_flags.jax, "__version__", "0.0.1")  # unknown flags abort XLA
+    monkeypatch.delenv("XLA_FLAGS")
+    assert xla_flags.apply() == [] and "XLA_FLAGS" not in xla_flags.os.environ
+
+
+def test_flags_are_not_claimed_once_jax_has_started(monkeypatch, capsys):
+    import jax._src.xla_bridge as xla_bridge
+
+    from p2l import xla_flags
+
+    monkeypatch.setattr(xla_flags.jax, "__version__", xla_flags.PINNED_JAX)
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: True)
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    assert xla_flags.apply() == []
+    assert "XLA_FLAGS" not in xla_flags.os.environ
+    assert "running without" in capsys.readouterr().err
+
+
+def test_a_fresh_process_starts_jax_with_the_flags():
+    """Importing p2l's modules does not start JAX, so apply() at an entry point takes effect."""
+    import os
+    import subprocess
+    import sys
+
+    from p2l import xla_flags
+
+    code = (
+        "import p2l.train, p2l.detect, p2l.evaluate, p2l.bench; from p2l import xla_flags; "
+        "import jax, os; added = xla_flags.apply(); jax.devices(); "
+        "print(jax.__version__ == xla_flags.PINNED_JAX, bool(added), os.environ['XLA_FLAGS'])"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["XLA_FLAGS"] = ""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    ).stdout.split()
+    if out[0] == "True":  # the pinned version: the flag is set and XLA accepted it
+        assert out[1] == "True" and out[2:] == list(xla_flags.CPU_FLAGS)

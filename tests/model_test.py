@@ -19,11 +19,12 @@ def test_parameter_count_matches_reference(variables):
 
 
 def test_output_shapes_and_feature_map_sizes(variables):
-    m = model_lib.Patch2Loc()
     x = jnp.zeros((3, 24, 24, 1))
-    mean, logvar = m.apply(variables, x, jnp.arange(3.0))
+    mean, logvar = model_lib.Patch2Loc().apply(variables, x, jnp.arange(3.0))
     assert mean.shape == (3, 2) and logvar.shape == (3, 2)
-    # 24 -> conv1 (k3, s2, p3) 14 -> maxpool 7 -> 7 -> 4 -> 2 -> 1 (spec §3.1)
+    # 24 -> conv1 (k3, s2, p3) 14 -> maxpool 7 -> 7 -> 4 -> 2 -> 1 (spec §3.1). The layer-by-layer
+    # form, where conv1's 14x14 output exists ("auto" fuses the stem and never forms it).
+    m = model_lib.Patch2Loc(conv_impl="xla")
     _, inter = m.apply(
         variables, x, jnp.arange(3.0), capture_intermediates=True, mutable=["intermediates"]
     )
@@ -43,6 +44,7 @@ def test_output_shapes_and_feature_map_sizes(variables):
         (1, 6, 4, 1, 1, 3),
         (2, 3, 4, 2, 0, 1),
         (3, 2, 3, 2, 1, 3),
+        (4, 5, 7, 2, 1, 3),  # layer3's 4x4 -> 2x2: 25 of 64 pixel pairs, per-output-pixel form
     ],
 )
 def test_conv_as_matmul_is_exact(size, cin, cout, stride, pad, k):

@@ -108,3 +108,20 @@ def test_sliding_window_grid_and_targets():
     t = patches.window_targets(jnp.array([0, 96]), jnp.array([191, 48]), 192, 192)
     np.testing.assert_allclose(t, [[0.0, 100 * 191 / 192], [50.0, 25.0]], rtol=1e-6)
     assert float(patches.slice_position(jnp.array(37.0), 100)) == 37.0
+
+
+def test_candidate_acceptance_equals_the_summed_area_table_rule():
+    """draw_candidates counts mask pixels in each candidate's window; the decision must be the
+    reference rule mean(mask_patch == 1) >= rate on window_counts at the same centres."""
+    rng = np.random.default_rng(4)
+    mask = jnp.asarray(rng.random((3, 40, 36)) < 0.45).astype(jnp.uint8)
+    patch, per_slice, rate = 10, 200, 0.45
+    cand = patches.draw_candidates(
+        jax.random.key(9), mask, jnp.arange(3), per_slice, 600, patch, rate
+    )
+    counts = np.asarray(patches.window_counts(mask, patch))
+    for b in range(3):
+        y, x = np.asarray(cand.y[b]), np.asarray(cand.x[b])
+        frac = counts[b, y, x].astype(np.float32) / np.float32(patch * patch)
+        np.testing.assert_array_equal(np.asarray(cand.accepted[b]), frac >= rate)
+    assert 0 < int(cand.accepted.sum()) < 600  # both outcomes occur
