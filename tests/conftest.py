@@ -5,6 +5,13 @@ from pathlib import Path
 
 import pytest
 
+from p2l import xla_flags
+
+# The tests run with the XLA:CPU flags users get from every entry point (p2l.main, p2l.detect,
+# p2l.bench): a test comparing an in-process run with a `python -m p2l.main` subprocess (kill and
+# resume) needs both on the same convolution kernels to be bit-identical.
+xla_flags.apply()
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
