@@ -25,20 +25,12 @@ from p2l import model as p2l_model
 from p2l import xla_flags
 
 
-class Stem(nn.Module):
-    conv_impl: str = "auto"
-    dtype: jnp.dtype = jnp.float32
+class Stem(p2l_model.Encoder):
+    """Only the encoder's stem (the same code and variables as inside the network)."""
 
     @nn.compact
     def __call__(self, x, train: bool):
-        if self.conv_impl == "auto":
-            return p2l_model.Encoder._fused_stem(self, x, train, None)
-        x = p2l_model.Conv(
-            64, 3, 2, 3, conv_impl=self.conv_impl,
-            kernel_init=p2l_model.torch_default_kernel_init, name="conv1",
-        )(x)  # fmt: skip
-        x = nn.relu(p2l_model.batch_norm("bn1", train, jnp.float32)(x))
-        return p2l_model.max_pool_3x3_s2(x)
+        return self.stem(x, train)
 
 
 class Block(nn.Module):

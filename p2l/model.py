@@ -213,21 +213,7 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool, mask=None):
-        if self.conv_impl == "auto":
-            x = self._fused_stem(x, train, mask)
-        else:
-            x = Conv(
-                64,
-                3,
-                2,
-                3,
-                conv_impl=self.conv_impl,
-                kernel_init=torch_default_kernel_init,
-                dtype=self.dtype,
-                name="conv1",
-            )(x)
-            x = nn.relu(batch_norm("bn1", train, self.dtype)(x, mask=mask))
-            x = max_pool_3x3_s2(x)
+        x = self.stem(x, train, mask)
         for stage, width in enumerate(STAGE_WIDTHS):
             for block in range(2):
                 stride = 2 if (stage > 0 and block == 0) else 1
@@ -240,17 +226,34 @@ class Encoder(nn.Module):
                 )(x, train, mask)
         return jnp.mean(x, axis=(1, 2))
 
-    def _fused_stem(self, x, train: bool, mask):
-        """conv1 -> bn1 -> ReLU -> max pool as p2l.stem's fused form, same variables and values.
+    def stem(self, x, train: bool, mask=None):
+        """conv1 -> bn1 -> ReLU -> max pool: 24x24 -> 14x14 -> 7x7 (call from a compact method).
 
-        The variables are those of the layer-by-layer form (conv1/kernel, bn1/scale, bn1/bias,
-        batch_stats bn1/mean and bn1/var), so checkpoints and the converter do not change.
+        "auto" computes it in p2l.stem's fused form, "xla" layer by layer; both use the same
+        variables (conv1/kernel, bn1/scale, bn1/bias, batch_stats bn1/mean and bn1/var), so
+        checkpoints and the converter do not depend on the choice.
         """
+        if self.conv_impl == "auto":
+            return self._fused_stem(x, train, mask)
+        x = Conv(
+            64,
+            3,
+            2,
+            3,
+            conv_impl=self.conv_impl,
+            kernel_init=torch_default_kernel_init,
+            dtype=self.dtype,
+            name="conv1",
+        )(x)
+        x = nn.relu(batch_norm("bn1", train, self.dtype)(x, mask=mask))
+        return max_pool_3x3_s2(x)
+
+    def _fused_stem(self, x, train: bool, mask):
+        if x.shape[-1] != 1:
+            raise ValueError(f"the fused stem takes single-channel patches, got {x.shape}")
         kernel = StemKernel(64, x.shape[-1], name="conv1")()
         bn = BatchNormState(64, name="bn1")
         kernel_9xC = kernel.reshape(-1, kernel.shape[-1])
-        if x.shape[-1] != 1:
-            raise ValueError(f"the fused stem takes single-channel patches, got {x.shape}")
         patches = x[..., 0]
         if train:
             valid = None if mask is None else mask.reshape(-1)

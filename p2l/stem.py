@@ -144,14 +144,13 @@ def conv_relu_pool(x_NxHxW, kernel_9xC, bias_C):
 
     x: (N, H, W) single-channel patches; kernel: (9, C) row-major 3x3 taps; returns (N, P, P, C).
     """
-    return _forward(x_NxHxW, kernel_9xC, bias_C)[0]
+    return _forward(x_NxHxW, kernel_9xC, bias_C)
 
 
 def _forward(x, kernel, bias):
     conv, pooled = output_size(x.shape[1])
     s, _ = _window_inputs(x)
-    zmax = functools.reduce(jnp.maximum, _candidates(s, kernel, bias, pooled, conv))
-    return jax.nn.relu(zmax), zmax
+    return jax.nn.relu(functools.reduce(jnp.maximum, _candidates(s, kernel, bias, pooled, conv)))
 
 
 def _fwd(x, kernel, bias):

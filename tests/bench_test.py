@@ -178,3 +178,29 @@ def test_a_fresh_process_starts_jax_with_the_flags():
     ).stdout.split()
     if out[0] == "True":  # the pinned version: the flag is set and XLA accepted it
         assert out[1] == "True" and out[2:] == list(xla_flags.CPU_FLAGS)
+
+
+def test_layer_probe_times_every_stage_of_the_network():
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks import layer_probe
+    from p2l.model import Patch2Loc, init_variables
+
+    for impl in ("auto", "xla"):
+        rows = layer_probe.probe(batch=4, conv_impl=impl, reps=1)
+        assert len(rows) == 1 + 8 + 1  # stem, eight blocks, pool + heads
+        assert rows[0][0].startswith("stem") and rows[-1][0].startswith("pool")
+        assert all(fwd > 0 and train > 0 for _, fwd, train in rows)
+    # The probe's stem is the encoder's own: the same variables as inside the network.
+    probe_stem = layer_probe.Stem("auto").init(
+        jax.random.key(0), jnp.zeros((2, 24, 24, 1)), train=False
+    )
+    encoder = init_variables(Patch2Loc(), jax.random.key(0), 24)
+    shapes = lambda tree: jax.tree_util.tree_map(lambda v: v.shape, tree)  # noqa: E731
+    assert shapes(probe_stem["params"]) == {
+        k: shapes(encoder["params"]["encoder"][k]) for k in ("conv1", "bn1")
+    }
+    assert shapes(probe_stem["batch_stats"]) == {
+        "bn1": shapes(encoder["batch_stats"]["encoder"]["bn1"])
+    }
