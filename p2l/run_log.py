@@ -112,6 +112,21 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+# Counts of events, summed over the logging window; every other scalar is averaged. A mean would
+# print a window with one overflowing step as "OVERFLOW 0".
+SUMMED_SCALARS = ("overflow",)
+
+
+def window_scalars(window: list[dict]) -> dict:
+    """One record for the steps since the last log line: counts summed, the rest averaged."""
+    return {
+        k: float(sum(m[k] for m in window))
+        if k in SUMMED_SCALARS
+        else float(sum(float(m[k]) for m in window) / len(window))
+        for k in window[0]
+    }
+
+
 def progress_line(step: int, total: int, scalars: dict, steps_per_s: float, patches_per_s: float):
     eta = (total - step) / steps_per_s if steps_per_s > 0 else float("nan")
     parts = [
@@ -127,5 +142,8 @@ def progress_line(step: int, total: int, scalars: dict, steps_per_s: float, patc
         f"eta {format_duration(eta) if eta == eta else '?'}",
     ]
     if scalars.get("overflow", 0) > 0:
-        parts.append(f"OVERFLOW {scalars['overflow']:.0f} (raise sampling.capacity_fraction)")
+        parts.append(
+            f"OVERFLOW: {scalars['overflow']:,.0f} accepted patches dropped since the last line "
+            "(raise sampling.capacity_fraction)"
+        )
     return " | ".join(parts)

@@ -327,7 +327,7 @@ def train_and_evaluate(config, workdir: str | Path) -> TrainState:
                     continue
                 drain(*pending)
                 pending = None
-                scalars = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+                scalars = run_log.window_scalars(window)
                 elapsed = time.perf_counter() - window_start
                 steps_per_s = len(window) / elapsed
                 scalars["patches_per_s"] = sum(m["valid_patches"] for m in window) / elapsed
