@@ -5,7 +5,6 @@ variable tree with an inverse mapping written here from torchvision's naming rul
 of the module's table). The equivalence and CLI tests need torch and ../shared/bench.
 """
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -17,10 +16,9 @@ import pytest
 from p2l import convert_torch
 from p2l import model as model_lib
 from p2l.errors import DataError, P2LError
+from tests.torch_reference import reference_network
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-REFERENCE = SHARED / "bench" / "reference_torch.py"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -222,28 +220,7 @@ class NotATensor:
 
 @pytest.fixture(scope="module")
 def torch_net():
-    torch = pytest.importorskip("torch")
-    if not REFERENCE.is_file():
-        pytest.skip("../shared/bench/reference_torch.py is absent: reference test skipped")
-    spec = importlib.util.spec_from_file_location("p2l_reference_torch", REFERENCE)
-    reference = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(reference)
-    torch.manual_seed(0)
-    net = reference.Patch2LocNet()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                # momentum=None: running stats become the plain average of the batches seen, so
-                # they are realistic (outputs stay O(1)) and far from the 0/1 init.
-                m.momentum = None
-                m.weight.uniform_(0.5, 1.5, generator=gen)
-                m.bias.normal_(0.0, 0.2, generator=gen)
-        net.train()
-        for _ in range(3):
-            net(torch.randn(64, 1, 24, 24, generator=gen), 99 * torch.rand(64, generator=gen))
-    net.eval()
-    return net
+    return reference_network(24)[2]
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """p2l.heatmaps: reference equivalence, exact region skipping, batching, errors, multi-device."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,9 +13,9 @@ import pytest
 from p2l import heatmaps, postprocess
 from p2l.errors import ConfigError, DataError
 from p2l.model import Patch2Loc, init_variables
+from tests.torch_reference import reference_network
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "bench" / "reference_torch.py"
 P = 12  # the network is fully convolutional: a small patch keeps the tests fast
 BATCH = 64
 
@@ -211,26 +210,7 @@ def test_bad_inputs_raise_clear_errors(model_and_variables):
 
 @pytest.fixture(scope="module")
 def reference():
-    torch = pytest.importorskip("torch")
-    if not REFERENCE.is_file():
-        pytest.skip("../shared/bench/reference_torch.py is absent: reference test skipped")
-    spec = importlib.util.spec_from_file_location("p2l_reference_torch_heatmaps", REFERENCE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    torch.manual_seed(0)
-    net = module.Patch2LocNet()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.momentum = None  # running stats = average of the batches below
-                m.weight.uniform_(0.5, 1.5, generator=gen)
-                m.bias.normal_(0.0, 0.2, generator=gen)
-        net.train()
-        for _ in range(2):
-            net(torch.rand(64, 1, P, P, generator=gen), 99 * torch.rand(64, generator=gen))
-    net.eval()
-    return torch, module, net
+    return reference_network(P)
 
 
 @pytest.mark.parametrize("stride,shape", [(1, (14, 12, 2)), (3, (22, 17, 2))])
