@@ -158,11 +158,6 @@ def needed_grid(region_HxWxD: np.ndarray, stride: int) -> np.ndarray:
 # --- the device forward -------------------------------------------------------------------------
 
 
-def local_mesh():
-    """('data',) mesh over this process's devices: each process scores its own volumes."""
-    return parallel.create_mesh(jax.local_devices())
-
-
 @functools.lru_cache(maxsize=8)
 def _compiled_forward(model, patch: int, devices: tuple):
     mesh = parallel.create_mesh(list(devices))
@@ -315,19 +310,20 @@ def start_volume_heatmap(
     mesh = parallel.create_mesh(list(devices))
     repl = parallel.replicated(mesh)
 
-    grid_shape = (d, grid_size(h, stride), grid_size(w, stride))
+    ys, xs = patches.sliding_window_centres(h, w, stride)
+    grid_shape = (d, len(ys), len(xs))
     needed = np.ones(grid_shape, bool) if reg is None else needed_grid(reg, stride)
     # Slice-major order: consecutive batches walk through the volume slice by slice.
     grid_index = np.nonzero(needed)
     z, iy, ix = grid_index
-    centres = np.stack([z, iy * stride, ix * stride], axis=1).astype(np.int32)
+    centres = np.stack([z, ys[iy], xs[ix]], axis=1).astype(np.int32)
     global_batch = _batch_for(len(centres), batch_size, len(devices))
 
     # Slice-first padded stack (spec §5.2: zero padding by P//2), sent once per volume.
     padded = jax.device_put(patches.pad_slices(jnp.asarray(vol.transpose(2, 0, 1)), patch), repl)
     # Positions as training computes them (input_pipeline.assemble_batch): 100*z/D in float64,
     # then float32.
-    position = jax.device_put((100.0 * np.arange(d) / total).astype(np.float32), repl)
+    position = jax.device_put(patches.slice_position(np.arange(d), total).astype(np.float32), repl)
     variables = jax.device_put(local_variables(variables), repl)
 
     outputs, counts = [], []

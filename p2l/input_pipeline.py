@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from p2l import parallel
+from p2l import parallel, patches
 from p2l.errors import ConfigError
 
 # TensorFlow only feeds data: keep it off the accelerators JAX uses (conventions).
@@ -151,7 +151,7 @@ def assemble_batch(bank: SliceBank, rows: np.ndarray, slices: np.ndarray, padded
     image[:n] = bank.image[rows, slices]
     mask_one[:n] = bank.mask_one[rows, slices]
     position = np.zeros((padded,), np.float32)
-    position[:n] = 100.0 * slices / d  # spec §3.1: 100*z/total_slices
+    position[:n] = patches.slice_position(slices, d)  # spec §3.1: 100*z/total_slices
     batch = {
         "image": image,
         "mask_one": mask_one,

@@ -144,7 +144,7 @@ def sample_training_patches(
     y_n = cand.y.reshape(-1)[order]
     x_n = cand.x.reshape(-1)[order]
     patches = extract_patches(pad_slices(image_bxHxW, patch), slice_n, y_n, x_n, patch)
-    target = 100.0 * jnp.stack([y_n / h, x_n / w], axis=-1).astype(jnp.float32)
+    target = window_targets(y_n, x_n, h, w)
     num_accepted = jnp.sum(flat_accepted.astype(jnp.int32))
     return PatchBatch(
         patches=patches[..., None],
