@@ -190,6 +190,9 @@ def main(argv=None) -> int:
     ap.add_argument("--shared", default="../shared", help="the shared folder with data/")
     ap.add_argument("--workdir", default="runs/real_check")
     args = ap.parse_args(argv)
+    from p2l import xla_flags
+
+    xla_flags.apply()  # the entry points' XLA:CPU flags, before JAX starts its backend
     if not (Path(args.shared) / "data").is_dir():
         print(f"error: {args.shared}/data not found", file=sys.stderr)
         return 1

@@ -111,7 +111,7 @@ def _conv_per_output_pixel(x: jax.Array, kernel: jax.Array, taps: np.ndarray) ->
     outs = []
     for row in taps:
         pixels = np.flatnonzero(row >= 0)
-        # Consecutive runs of input pixels are contiguous slices; gather them in one concatenate.
+        # The input pixels this output reads, flattened with their channels: (n, taps * cin).
         gathered = flat_x[:, pixels, :].reshape(n, -1)
         weights = flat_kernel[row[pixels]].reshape(len(pixels) * cin, -1)
         outs.append(gathered @ weights)

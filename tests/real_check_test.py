@@ -25,9 +25,14 @@ def test_lesions_score_higher_than_the_rest_of_the_brain(shared_dir, tmp_path):
     assert list(results.glob("*_overlay.png"))
 
 
-def test_missing_shared_folder_is_a_clear_error(tmp_path, capsys):
+def test_missing_shared_folder_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    from p2l import xla_flags
+
+    calls = []
+    monkeypatch.setattr(xla_flags, "apply", lambda: calls.append(1) or [])
     assert real_check.main(["--shared", str(tmp_path / "nowhere")]) == 1
     assert "not found" in capsys.readouterr().err
+    assert calls == [1]  # an entry point: it sets the XLA:CPU flags users get everywhere
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
