@@ -27,7 +27,7 @@ $(VENV)/.installed: requirements.txt
 venv: $(VENV)/.installed
 
 demo: venv
-	$(PY) -m p2l.demo_data --out runs/demo/data
+	$(PY) -m data_prep.demo_data --out runs/demo/data
 	$(PY) -m p2l.main --config=experiments/demo.py --workdir=runs/demo --mode=train_eval $(ARGS)
 
 test: venv
@@ -60,10 +60,10 @@ prepare: venv
 LAUNCH ?= local
 SWEEP_ARGS ?=
 sweep: venv
-	$(PY) -m p2l.sweep --config=$(CONFIG) --launch=$(LAUNCH) $(SWEEP_ARGS) -- $(ARGS)
+	$(PY) -m p2l.tools.sweep --config=$(CONFIG) --launch=$(LAUNCH) $(SWEEP_ARGS) -- $(ARGS)
 
 bench: venv
-	$(PY) -m p2l.bench $(ARGS)
+	$(PY) -m benchmarks.bench $(ARGS)
 
 # p2l vs ../shared/bench/reference_torch.py, interleaved A B A B (creates .venv-ref with torch).
 bench-compare: venv
@@ -74,7 +74,7 @@ bench-layers: venv
 
 RUNS ?= runs
 tables: venv
-	$(PY) -m p2l.tables --runs $(RUNS)
+	$(PY) -m p2l.tools.tables --runs $(RUNS)
 
 clean-demo:
 	rm -rf runs/demo

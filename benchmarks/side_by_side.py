@@ -4,11 +4,12 @@
 
 Runs ../shared/bench/reference_torch.py (in its own virtual environment, `.venv-ref`, created
 with `python3 -m venv .venv-ref && .venv-ref/bin/pip install torch==2.13.0 numpy` when missing)
-and `python -m p2l.bench` interleaved A B A B ... on the same sizes, then prints, per figure, the
-ratio p2l / reference of each round (paired runs, so machine-load drifts largely cancel) with
-min / median / max, and the median absolute figures. Throughputs are compared as p2l/ref; volume
-wall times as ref_time/p2l_time, so > 1 always means p2l is faster. The last stdout line is one
-JSON object with every run and ratio; `--out FILE` also writes it (atomically).
+and `python -m benchmarks.bench` interleaved A B A B ... on the same sizes, then prints, per
+figure, the ratio p2l / reference of each round (paired runs, so machine-load drifts largely
+cancel) with min / median / max, and the median absolute figures. Throughputs are compared as
+p2l/ref; volume wall times as ref_time/p2l_time, so > 1 always means p2l is faster. The last
+stdout line is one JSON object with every run and ratio; `--out FILE` also writes it
+(atomically).
 
 Skips cleanly (exit 0, one line saying why) when the reference script is absent or torch cannot
 be installed.
@@ -24,6 +25,8 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from p2l.atomic_write import write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_REFERENCE = REPO.parent / "shared" / "bench" / "reference_torch.py"
@@ -192,7 +195,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="reference device")
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--skip-volumes", action="store_true", help="only the throughput figures")
-    ap.add_argument("--p2l-extra", default="", help="extra arguments for p2l.bench")
+    ap.add_argument("--p2l-extra", default="", help="extra arguments for benchmarks.bench")
     ap.add_argument("--ref-extra", default="", help="extra arguments for reference_torch.py")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per run")
     ap.add_argument("--out", type=Path, help="also write the JSON summary here")
@@ -234,7 +237,7 @@ def main(argv=None) -> int:
     skip = ["--skip-train"] if args.skip_train else []
     ref_cmd = [str(python), str(args.reference), "--json", "--device", args.device, *common, *skip]
     ref_cmd += args.ref_extra.split()
-    p2l_cmd = [sys.executable, "-m", "p2l.bench", *common, *skip, "--skip-pipeline"]
+    p2l_cmd = [sys.executable, "-m", "benchmarks.bench", *common, *skip, "--skip-pipeline"]
     p2l_cmd += args.p2l_extra.split()
     env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"}
     pairs = interleave(ref_cmd, p2l_cmd, args.rounds, env=env, timeout=args.timeout)
@@ -249,10 +252,7 @@ def main(argv=None) -> int:
     }
     line = json.dumps(result, sort_keys=True)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_name(f".{args.out.name}.tmp{os.getpid()}")
-        tmp.write_text(line + "\n")
-        os.replace(tmp, args.out)
+        write_text_atomic(args.out, line + "\n")
     print(line)
     return 0
 

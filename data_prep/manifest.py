@@ -16,14 +16,14 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-from data_prep.nifti import publish, sha256_file
+from data_prep.nifti import sha256_file
+from p2l.atomic_write import write_text_atomic
 from p2l.errors import DataError
 
 MANIFEST_NAME = "manifest.jsonl"
@@ -58,18 +58,10 @@ def read_manifest(folder: str | os.PathLike) -> dict[Key, dict]:
 
 
 def write_manifest(folder: str | os.PathLike, rows: dict[Key, dict]) -> None:
-    """Rewrite the manifest (sorted by subject, modality) through a temp file and os.replace."""
+    """Rewrite the manifest (sorted by subject, modality) atomically."""
     path = manifest_path(folder)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = "".join(json.dumps(rows[key], sort_keys=True) + "\n" for key in sorted(rows))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, text)
 
 
 def file_record(path: Path, folder: Path) -> dict:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Literal
 
 import ants
 import numpy as np
 
+from p2l.atomic_write import atomic_path
 from p2l.errors import DataError
 from p2l.volume_io import read_volume
 
@@ -64,20 +64,13 @@ def read_ants(path: str | os.PathLike, kind: Kind) -> ants.ANTsImage:
 
 
 def write_ants_atomic(image: ants.ANTsImage, path: str | os.PathLike, kind: Kind) -> None:
-    """Write `image` as `kind`'s voxel type via a temp file in the same folder, then os.replace."""
+    """Write `image` as `kind`'s voxel type atomically (p2l.atomic_write)."""
     path = Path(path)
     if not path.name.endswith((".nii.gz", ".nii")):
         raise DataError(path, "output file name must end with .nii.gz or .nii")
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        ants.image_write(image.clone(PIXEL_TYPES[kind]), tmp)
-        publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, suffix=suffix) as tmp:
+        ants.image_write(image.clone(PIXEL_TYPES[kind]), str(tmp))
 
 
 def link_atomic(source: str | os.PathLike, target: str | os.PathLike) -> None:
@@ -85,27 +78,12 @@ def link_atomic(source: str | os.PathLike, target: str | os.PathLike) -> None:
     source, target = Path(source), Path(target)
     if target.exists() and os.path.samefile(source, target):
         return  # rename() onto a link of the same file would do nothing and leave the temp name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(fd)
-    os.unlink(tmp)
-    try:
+    with atomic_path(target) as tmp:
+        tmp.unlink()
         try:
             os.link(source, tmp)
         except OSError:  # another file system, or links not supported
             shutil.copyfile(source, tmp)
-        publish(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
-    """Give a finished temp file the usual permissions (mkstemp makes it 0600) and move it in."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
 
 
 def sha256_file(path: str | os.PathLike) -> str:

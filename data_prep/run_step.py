@@ -25,7 +25,7 @@ import ants
 
 from data_prep.atlas import load_atlas
 from data_prep.manifest import tool_versions
-from data_prep.nifti import publish, read_ants, sha256_file, write_ants_atomic
+from data_prep.nifti import read_ants, sha256_file, write_ants_atomic
 from data_prep.skull_strip import describe_hd_bet_env, skull_strip
 from data_prep.steps import (
     N4Params,
@@ -39,6 +39,7 @@ from data_prep.steps import (
     reorient_resample,
     warp_to_atlas,
 )
+from p2l.atomic_write import write_text_atomic
 from p2l.errors import ConfigError, P2LError
 
 Outputs = dict[str, tuple[ants.ANTsImage, str]]  # name -> (image, kind)
@@ -93,9 +94,7 @@ def _run(
         seconds=round(time.perf_counter() - start, 3),
         versions=tool_versions(describe_hd_bet_env()),
     )
-    tmp = sidecar.with_name(f".{sidecar.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-    publish(tmp, sidecar)
+    write_text_atomic(sidecar, json.dumps(record, indent=1, sort_keys=True))
     print(f"{step}: wrote {', '.join(str(p) for p in outputs.values())} ({record['seconds']} s)")
     return 0
 

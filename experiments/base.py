@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import ml_collections
 
-# Keys that must be set by the user before a run; `p2l.config_check` names them if missing.
-REQUIRED_PATHS = ("data_root", "splits_dir")
-
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -20,7 +17,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.fold = 0  # IXI split fold 0..4 (spec §1.1; the authors' scripts loop over 5 folds)
     c.seed = 3141  # seed_everything(3141) in the reference (spec §3.3)
 
-    # Paths. Required: a run without them stops at once with a message saying what to set.
+    # Paths. Required (p2l.config_check.REQUIRED_PATHS): a run without them stops at once with a
+    # message saying what to set.
     c.data_root = ml_collections.FieldReference(None, field_type=str)  # holds Train/ and Test/
     c.splits_dir = ml_collections.FieldReference(None, field_type=str)  # the reference's splits/
     c.tfds_dir = ""  # where the tfds slice builds are cached; "" = <data_root>/../p2l_tfds
@@ -90,3 +88,21 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.eval.max_volumes = 2
     c.eval.max_healthy_volumes = 2
     return c
+
+
+def paper_config(name: str, modality: str, test_sets: tuple[str, ...], variant: str = ""):
+    """One column group of the paper's table: the base config, its test sets and modality."""
+    c = base_config()
+    c.name = name
+    c.modality = modality
+    c.test_sets = test_sets
+    if variant == "tiny":
+        c = tiny(c)
+    elif variant:
+        raise ValueError(f"unknown variant {variant!r} of experiments/{name}.py (known: 'tiny')")
+    return c
+
+
+def five_folds():
+    """The paper's protocol: 5 IXI folds (spec §1.1, §8.3), one seed. Add seeds for variance."""
+    return [{"fold": fold, "seed": 3141} for fold in range(5)]

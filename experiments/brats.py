@@ -14,17 +14,7 @@ from experiments import base
 
 
 def get_config(variant: str = ""):
-    c = base.base_config()
-    c.name = "brats"
-    c.modality = "t2"
-    c.test_sets = ("Brats21",)
-    if variant == "tiny":
-        c = base.tiny(c)
-    elif variant:
-        raise ValueError(f"unknown variant {variant!r} of experiments/brats.py (known: 'tiny')")
-    return c
+    return base.paper_config("brats", "t2", ("Brats21",), variant)
 
 
-def sweep():
-    """The paper's protocol: 5 IXI folds (spec §1.1, §8.3), one seed. Add seeds for variance."""
-    return [{"fold": fold, "seed": 3141} for fold in range(5)]
+sweep = base.five_folds

@@ -1,8 +1,8 @@
 """The embedded default: Patch2Loc on synthetic data derived from nilearn's MNI152 template.
 
-No download and no GPU. `make demo` writes the data (p2l.demo_data) into runs/demo/data, trains
-this config, computes heatmaps on the synthetic-lesion volumes and prints the metrics. The numbers
-only show that the pipeline runs end to end; they are not the paper's.
+No download and no GPU. `make demo` writes the data (data_prep.demo_data) into runs/demo/data,
+trains this config, computes heatmaps on the synthetic-lesion volumes and prints the metrics. The
+numbers only show that the pipeline runs end to end; they are not the paper's.
 
 The demo volumes are 2 mm isotropic, so the evaluation grid is 96x96x48 and patches are
 int(0.125*96) = 12 px; everything else is the reference's code path.

@@ -14,17 +14,7 @@ from experiments import base
 
 
 def get_config(variant: str = ""):
-    c = base.base_config()
-    c.name = "mslub"
-    c.modality = "t2"
-    c.test_sets = ("MSLUB",)
-    if variant == "tiny":
-        c = base.tiny(c)
-    elif variant:
-        raise ValueError(f"unknown variant {variant!r} of experiments/mslub.py (known: 'tiny')")
-    return c
+    return base.paper_config("mslub", "t2", ("MSLUB",), variant)
 
 
-def sweep():
-    """The paper's protocol: 5 IXI folds (spec §1.1, §8.3), one seed. Add seeds for variance."""
-    return [{"fold": fold, "seed": 3141} for fold in range(5)]
+sweep = base.five_folds

@@ -14,17 +14,7 @@ from experiments import base
 
 
 def get_config(variant: str = ""):
-    c = base.base_config()
-    c.name = "wmh"
-    c.modality = "t1"
-    c.test_sets = ("WMH",)
-    if variant == "tiny":
-        c = base.tiny(c)
-    elif variant:
-        raise ValueError(f"unknown variant {variant!r} of experiments/wmh.py (known: 'tiny')")
-    return c
+    return base.paper_config("wmh", "t1", ("WMH",), variant)
 
 
-def sweep():
-    """The paper's protocol: 5 IXI folds (spec §1.1, §8.3), one seed. Add seeds for variance."""
-    return [{"fold": fold, "seed": 3141} for fold in range(5)]
+sweep = base.five_folds

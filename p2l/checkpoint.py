@@ -1,7 +1,8 @@
 """Checkpoints: the only module that imports orbax (conventions).
 
 Orbax writes each step into a temporary folder and renames it when complete, so a run killed
-mid-save leaves no checkpoint that looks finished; `restore_latest` only sees complete ones.
+mid-save leaves no checkpoint that looks finished; `latest_step` and `restore` only see complete
+ones.
 """
 
 from __future__ import annotations
@@ -26,9 +27,6 @@ class Checkpointer:
 
     def save(self, step: int, state: Any) -> None:
         self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
-
-    def wait(self) -> None:
-        self._manager.wait_until_finished()
 
     def restore(self, state_like: Any, step: int | None = None) -> Any:
         """Restore into the structure, shapes and shardings of `state_like`."""

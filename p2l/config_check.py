@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from experiments.base import REQUIRED_PATHS
 from p2l.errors import ConfigError
+from p2l.layers import CONV_IMPLS
+from p2l.losses import LOSS_TYPES
+
+# Keys every config leaves for the user to set (experiments/base.py leaves them None).
+REQUIRED_PATHS = ("data_root", "splits_dir")
+MODALITIES = ("t1", "t2")
 
 HINTS = {
     "data_root": "the preprocessed data folder holding Train/ixi/... and Test/<Dataset>/... "
@@ -23,9 +28,9 @@ def check_paths(config) -> None:
             raise ConfigError(key, f"not set. Pass --config.{key}=/path/to/folder ({HINTS[key]}).")
         if not Path(value).is_dir():
             raise ConfigError(key, f"{value!r} is not a folder ({HINTS[key]}).")
-    if config.modality not in ("t1", "t2"):
+    if config.modality not in MODALITIES:
         raise ConfigError("modality", f"{config.modality!r}; expected 't1' or 't2'")
-    if config.loss.type not in ("beta_nll", "stirn", "mse"):
-        raise ConfigError("loss.type", f"{config.loss.type!r}; expected beta_nll, stirn or mse")
-    if config.model.conv_impl not in ("auto", "xla"):
+    if config.loss.type not in LOSS_TYPES:
+        raise ConfigError("loss.type", f"{config.loss.type!r}; expected {', '.join(LOSS_TYPES)}")
+    if config.model.conv_impl not in CONV_IMPLS:
         raise ConfigError("model.conv_impl", f"{config.model.conv_impl!r}; expected auto or xla")

@@ -7,7 +7,8 @@ and writes PREFIX_score / _error / _logvar / _mask .nii.gz in the input scan's o
 
 The scan must be preprocessed like the training data (skull-stripped, registered, 1 mm: see
 data_prep); the spacing is checked. The mask threshold is the one `make eval` stored in
-W/results/summary.json (validation-tuned if available, else healthy q98) or --threshold.
+W/results/summary.json (validation-tuned if available, else the healthy quantile's) or
+--threshold.
 """
 
 from __future__ import annotations
@@ -17,30 +18,31 @@ import json
 import sys
 from pathlib import Path
 
-import ml_collections
 import numpy as np
 
 from p2l import xla_flags
 from p2l.errors import ConfigError, DataError, P2LError
 
 
-def load_run_config(workdir: Path) -> ml_collections.ConfigDict:
-    info = Path(workdir) / "run_info.json"
-    if not info.exists():
-        raise DataError(info, "not found: --workdir must be a trained p2l run folder")
-    return ml_collections.ConfigDict(json.loads(info.read_text())["config"])
-
-
 def stored_threshold(workdir: Path) -> tuple[float, str] | None:
+    """The threshold `make eval` stored for this run: the first fixed policy (validation-tuned,
+    then healthy quantile, in `thresholds.policies` order) with a value, and its name."""
+    from p2l import thresholds
+    from p2l.run_info import load_run_config
+
     path = Path(workdir) / "results" / "summary.json"
     if not path.exists():
         return None
-    thresholds = json.loads(path.read_text()).get("thresholds", {})
-    for key, value in thresholds.items():
-        if key.startswith("validation") and value.get("value") is not None:
-            return float(value["value"]), key
-    value = thresholds.get("healthy_q98", {}).get("value")
-    return (float(value), "healthy_q98") if value is not None else None
+    stored = json.loads(path.read_text()).get("thresholds", {})
+    quantile = load_run_config(workdir).eval.get("healthy_quantile", thresholds.HEALTHY_QUANTILE)
+    for policy in thresholds.policies(quantile):
+        if policy.per_volume:
+            continue
+        # The validation threshold is stored per dataset: "validation[<Dataset>]".
+        for key, value in stored.items():
+            if key.split("[")[0] == policy.name and value.get("value") is not None:
+                return float(value["value"]), key
+    return None
 
 
 def derive_brain_mask(image, path: Path):
@@ -61,7 +63,9 @@ def derive_brain_mask(image, path: Path):
 
 
 def detect(args) -> dict[str, Path]:
-    from p2l import evaluate, figures, normalization, thresholds, train
+    from p2l import figures, normalization, thresholds, train_state
+    from p2l.run_info import load_run_config
+    from p2l.scoring import Scorer
     from p2l.volume_io import read_volume, write_volume_atomic
 
     workdir = Path(args.workdir)
@@ -98,15 +102,14 @@ def detect(args) -> dict[str, Path]:
         threshold, source = found
     if args.stride:
         config.eval.stride = args.stride
-    model, variables, step = train.restore_variables(config, workdir)
-    scorer = evaluate.Scorer(config, model, variables)
-    sv = scorer(subject.subject_id, subject.image, subject.mask, None)
+    model, variables, step = train_state.restore_variables(config, workdir)
+    sv = Scorer(config, model, variables)(subject.subject_id, subject.image, subject.mask)
     prediction = thresholds.predict(sv.score, threshold) & (subject.mask > 0)
 
     outputs = {
         "score": sv.score,
-        "error": sv.raw.error * (subject.mask > 0),
-        "logvar": sv.raw.logvar * (subject.mask > 0),
+        "error": sv.maps["error"] * (subject.mask > 0),
+        "logvar": sv.maps["logvar"] * (subject.mask > 0),
         "mask": prediction.astype(np.uint8),
     }
     prefix = Path(args.output)

@@ -1,14 +1,10 @@
 """Evaluate a workdir's checkpoint on the configured test sets (spec §5, §6).
 
-For each volume: heatmap (p2l.heatmaps) -> median filter and brain mask (p2l.postprocess) ->
-metrics at every threshold policy (p2l.metrics). Thresholds:
-- "oracle": the reference's per-volume bisection against the volume's own ground truth
-  (spec §5.6, an upper bound, what the reference reports as "Supervised Dice");
-- "validation": one threshold per dataset tuned on its lesion validation split, when the
-  splits folder has `<Dataset>_val.csv` (the behrendt/ format);
-- "healthy_q98": the 98th percentile of in-brain scores of healthy IXI volumes (the IXI
-  validation fold by default), post-processed like the test volumes — the reference computed
-  it on unfiltered heatmaps (spec §8.14); `eval.healthy_postprocess=False` restores that.
+For each volume: lesion maps (p2l.scoring: heatmap, median filter, brain mask) -> metrics at every
+threshold policy of `p2l.thresholds.policies` (oracle, validation-tuned, healthy quantile).
+The healthy threshold is taken on healthy IXI volumes (the validation fold by default)
+post-processed like the test volumes — the reference computed it on unfiltered heatmaps (spec
+§8.14); `eval.healthy_postprocess=False` restores that.
 
 Writes into <workdir>/results/: `<set>_volumes.csv` (one row per volume), `summary.json`, and
 figures (`<set>_<subject>_overlay.png`, `<set>_error_vs_variance.png`).
@@ -18,10 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
-import math
-import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -31,65 +24,25 @@ from tqdm import tqdm
 from p2l import (
     config_check,
     figures,
-    heatmaps,
-    input_pipeline,
     metrics,
     normalization,
     parallel,
-    patches,
-    postprocess,
-    run_log,
+    results_summary,
     splits,
     thresholds,
-    train,
+    train_state,
 )
+from p2l.atomic_write import write_json_atomic, write_text_atomic
 from p2l.errors import ConfigError
+from p2l.scoring import Scorer
 
 
-@dataclass
-class ScoredVolume:
-    subject_id: str
-    image: np.ndarray
-    mask: np.ndarray
-    seg: np.ndarray | None
-    score: np.ndarray  # post-processed (filtered, masked) score
-    raw: heatmaps.HeatmapResult
+def _eval_volumes(builder, split: str):
+    # The prepared volumes live in the tfds slice build; only reading them needs TensorFlow,
+    # so it is imported here and scoring stays free of it (p2l.detect).
+    from p2l import input_pipeline
 
-
-class Scorer:
-    """Heatmap + post-processing of one volume with the config's settings."""
-
-    def __init__(self, config, model, variables):
-        self.config = config
-        self.model = model
-        self.variables = heatmaps.local_variables(variables)
-        self.patch = patches.patch_size_for(
-            config.data.image_shape[0], config.sampling.patch_fraction
-        )
-
-    def __call__(self, subject_id, image, mask, seg, *, filtered: bool = True) -> ScoredVolume:
-        ev = self.config.eval
-        median = ev.median_size if filtered else 0
-        # Patches that cannot reach the masked, filtered result are skipped (p2l.heatmaps).
-        region = postprocess.influence_region(mask, max(median, 1)) if median else mask > 0
-        raw = heatmaps.volume_heatmap(
-            self.model,
-            self.variables,
-            image,
-            patch=self.patch,
-            stride=ev.stride,
-            batch_size=ev.batch_size,
-            region=region,
-            dtype=ev.dtype,
-            variant=ev.variant,
-        )
-        work_mask = mask
-        if ev.erode_mask_iterations:
-            work_mask = postprocess.erode_brain_mask(mask, ev.erode_mask_iterations)
-        score = postprocess.postprocess(
-            raw.score, work_mask, median_size=median or None, name=subject_id
-        )
-        return ScoredVolume(subject_id, image, work_mask, seg, score, raw)
+    return input_pipeline.read_eval_volumes(builder, split)
 
 
 def _limit(iterable, n: int):
@@ -99,14 +52,18 @@ def _limit(iterable, n: int):
         yield item
 
 
+def _my_share(iterable, limit: int) -> list:
+    """This process's share of the first `limit` items (all items when limit is 0)."""
+    return parallel.process_share(list(_limit(iterable, limit)))
+
+
 def healthy_threshold(config, scorer: Scorer, builder) -> tuple[float, int]:
     ev = config.eval
+    records = _my_share(_eval_volumes(builder, ev.healthy_split), ev.max_healthy_volumes)
     values = []
-    records = _my_share(
-        input_pipeline.read_eval_volumes(builder, ev.healthy_split), ev.max_healthy_volumes
-    )
-    for rec in tqdm(records, desc=f"healthy IXI ({ev.healthy_split})", unit="vol"):
-        sv = scorer(rec.subject_id, rec.image, rec.mask, None, filtered=ev.healthy_postprocess)
+    stream = scorer.stream(records, filtered=ev.healthy_postprocess)
+    for rec, sv in tqdm(stream, total=len(records), desc=f"healthy IXI ({ev.healthy_split})",
+                        unit="vol"):  # fmt: skip
         values.append(sv.score[rec.mask > 0])
     values = [v for share in parallel.gather_objects(values) for v in share]
     return thresholds.healthy_quantile_threshold(values, q=ev.healthy_quantile), len(values)
@@ -120,11 +77,9 @@ def validation_threshold(config, scorer: Scorer, dataset: str) -> tuple[float | 
     rows = splits.read_test_split(
         config.splits_dir, dataset, config.modality, config.data_root, part="val"
     )
-    compact = []
-    for row in tqdm(
-        _my_share(rows, config.eval.max_volumes), desc=f"{dataset} validation", unit="vol"
-    ):
-        subject = normalization.load_subject(
+    rows = _my_share(rows, config.eval.max_volumes)
+    subjects = (
+        normalization.load_subject(
             row.image_path,
             row.mask_path,
             row.seg_path,
@@ -133,7 +88,11 @@ def validation_threshold(config, scorer: Scorer, dataset: str) -> tuple[float | 
             target_shape=tuple(config.data.image_shape),
             expected_spacing=config.data.expected_spacing,
         )
-        sv = scorer(subject.subject_id, subject.image, subject.mask, subject.seg)
+        for row in rows
+    )
+    compact = []
+    for subject, sv in tqdm(scorer.stream(subjects), total=len(rows),
+                            desc=f"{dataset} validation", unit="vol"):  # fmt: skip
         seg = subject.seg if subject.seg is not None else np.zeros(sv.score.shape, np.uint8)
         compact.append(_compact_volume(sv.score, seg > 0, subject.mask > 0))
     volumes = [_expand_volume(c) for share in parallel.gather_objects(compact) for c in share]
@@ -162,39 +121,40 @@ def _expand_volume(compact):
     return score, seg, brain
 
 
-def _my_share(iterable, limit: int) -> list:
-    """This process's share of the first `limit` items (all items when limit is 0)."""
-    return parallel.process_share(list(_limit(iterable, limit)))
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
+def _csv_text(rows: list[dict]) -> str:
     keys = list(dict.fromkeys(k for row in rows for k in row))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=keys)
     writer.writeheader()
     writer.writerows(rows)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
+    return buf.getvalue()
+
+
+def figure_threshold(policy_thresholds: dict) -> float | None:
+    """The stored threshold shown in figures: the first fixed policy that has a value."""
+    return next((v for v in policy_thresholds.values() if v is not None), None)
 
 
 def evaluate_set(config, scorer: Scorer, builder, dataset: str, policy_thresholds, out: Path):
     rows, density = [], {"err": [], "var": [], "lesion": []}
     ev = config.eval
     split = dataset.lower()
-    records = _my_share(input_pipeline.read_eval_volumes(builder, split), ev.max_volumes)
-    for i, rec in enumerate(tqdm(records, desc=f"{dataset} test", unit="vol")):
+    records = _my_share(_eval_volumes(builder, split), ev.max_volumes)
+    for rec in records:
         if rec.seg is None:
             raise ConfigError("test_sets", f"{dataset} volumes have no segmentation")
-        t0 = time.perf_counter()
-        sv = scorer(rec.subject_id, rec.image, rec.mask, rec.seg)
+    fixed = {k: v for k, v in policy_thresholds.items() if v is not None}
+    thr = figure_threshold(policy_thresholds)
+    t0 = time.perf_counter()
+    stream = tqdm(scorer.stream(records), total=len(records), desc=f"{dataset} test", unit="vol")
+    for i, (rec, sv) in enumerate(stream):
         row = {"dataset": dataset, "subject_id": rec.subject_id}
         row.update(
             metrics.volume_metrics(
                 sv.score,
                 rec.seg,
                 rec.mask,
-                {k: v for k, v in policy_thresholds.items() if v is not None},
+                fixed,
                 min_component_voxels=ev.min_component_voxels,
                 name=rec.subject_id,
             )
@@ -204,12 +164,12 @@ def evaluate_set(config, scorer: Scorer, builder, dataset: str, policy_threshold
         # Do lesion voxels score higher than the rest of the brain? (the paper's premise)
         row["score_lesion_mean"] = float(sv.score[lesion].mean()) if lesion.any() else np.nan
         row["score_normal_brain_mean"] = float(sv.score[brain & ~lesion].mean())
-        row["patches_evaluated"] = sv.raw.patches_evaluated
+        row["patches_evaluated"] = sv.patches_evaluated
+        # Pipelined: the time from the previous volume's result to this one's.
         row["seconds"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         rows.append(row)
         if i < ev.num_figures:
-            thr = next((policy_thresholds[k] for k in ("validation", "healthy_q98")
-                        if policy_thresholds.get(k) is not None), None)  # fmt: skip
             figures.overlay(
                 out / f"{split}_{rec.subject_id}_overlay.png",
                 rec.image,
@@ -220,15 +180,15 @@ def evaluate_set(config, scorer: Scorer, builder, dataset: str, policy_threshold
                 title=f"{dataset} {rec.subject_id}: Dice[oracle] {row['dice[oracle]']:.3f}, "
                 f"AUPRC {row['auprc']:.3f}",
             )
-            density["err"].append(np.log(sv.raw.error[brain] + 1e-10))
-            density["var"].append(sv.raw.logvar[brain])
+            density["err"].append(np.log(sv.maps["error"][brain] + 1e-10))
+            density["var"].append(sv.maps["logvar"][brain])
             density["lesion"].append(rec.seg[brain] > 0)
     # Per-volume rows of all processes, in volume order; written once, by process 0.
     shares = parallel.gather_objects(rows)
     rows = [r for i in range(max(map(len, shares), default=0)) for s in shares if i < len(s)
             for r in [s[i]]]  # fmt: skip
     if jax.process_index() == 0:
-        _write_csv(out / f"{split}_volumes.csv", rows)
+        write_text_atomic(out / f"{split}_volumes.csv", _csv_text(rows))
     if density["err"]:
         figures.error_variance_density(
             out / f"{split}_error_vs_variance.png",
@@ -242,14 +202,17 @@ def evaluate_set(config, scorer: Scorer, builder, dataset: str, policy_threshold
 
 def evaluate(config, workdir: str | Path) -> dict:
     """Evaluates the latest checkpoint of `workdir`; returns (and writes) the summary."""
+    from p2l import input_pipeline  # the tfds build (TensorFlow), see _eval_volumes
+
     config_check.check_paths(config)
     workdir = Path(workdir)
-    model, variables, step = train.restore_variables(config, workdir)
+    model, variables, step = train_state.restore_variables(config, workdir)
     out = workdir / "results"
     out.mkdir(parents=True, exist_ok=True)
     builder = input_pipeline.build_dataset(config)
     scorer = Scorer(config, model, variables)
     t_start = time.perf_counter()
+    healthy_name = thresholds.healthy_policy_name(config.eval.healthy_quantile)
     healthy, n_healthy = healthy_threshold(config, scorer, builder)
     summary = {
         "workdir": str(workdir),
@@ -260,66 +223,25 @@ def evaluate(config, workdir: str | Path) -> dict:
         "checkpoint_step": step,
         "devices": [str(d) for d in jax.devices()],
         "eval": config.eval.to_dict(),
-        "thresholds": {"healthy_q98": {"value": healthy, "volumes": n_healthy}},
+        "thresholds": {healthy_name: {"value": healthy, "volumes": n_healthy}},
         "sets": {},
     }
     for dataset in config.test_sets:
         val_thr, n_val = validation_threshold(config, scorer, dataset)
-        summary["thresholds"][f"validation[{dataset}]"] = {"value": val_thr, "volumes": n_val}
-        policy = {"healthy_q98": healthy, "validation": val_thr}
+        summary["thresholds"][f"{thresholds.VALIDATION}[{dataset}]"] = {
+            "value": val_thr,
+            "volumes": n_val,
+        }
+        stored = {thresholds.VALIDATION: val_thr, healthy_name: healthy}
+        policy = {p.name: stored[p.name] for p in thresholds.policies(config.eval.healthy_quantile)
+                  if not p.per_volume}  # fmt: skip
         rows = evaluate_set(config, scorer, builder, dataset, policy, out)
         summary["sets"][dataset] = {
             "volumes": len(rows),
-            "metrics": metrics.aggregate(rows),
+            "metrics": results_summary.aggregate(rows),
         }
     summary["seconds"] = time.perf_counter() - t_start
     summary["processes"] = jax.process_count()
     if jax.process_index() == 0:
-        run_log.write_json_atomic(out / "summary.json", _finite(summary))
+        write_json_atomic(out / "summary.json", results_summary.json_safe(summary))
     return summary
-
-
-def _finite(tree):
-    """JSON has no NaN/inf: write them as null (the counts say how many there were)."""
-    if isinstance(tree, dict):
-        return {k: _finite(v) for k, v in tree.items()}
-    if isinstance(tree, list | tuple):
-        return [_finite(v) for v in tree]
-    if isinstance(tree, float) and not math.isfinite(tree):
-        return None
-    if isinstance(tree, np.generic):
-        return _finite(tree.item())
-    return tree
-
-
-HEADLINE = (
-    ("dice[oracle]", "Dice (oracle)"),
-    ("dice[validation]", "Dice (val-tuned)"),
-    ("dice[healthy_q98]", "Dice (healthy q98)"),
-    ("auprc", "AUPRC"),
-    ("auroc", "AUROC"),
-)
-
-
-def format_summary(summary: dict) -> str:
-    """A small Markdown table of the headline metrics (mean ± std over volumes, in %)."""
-    lines = [
-        f"{summary['name']} fold {summary['fold']} seed {summary['seed']} "
-        f"(checkpoint step {summary['checkpoint_step']})",
-        "| set | volumes | " + " | ".join(h for _, h in HEADLINE) + " |",
-        "|---|---|" + "---|" * len(HEADLINE),
-    ]
-    for name, res in summary["sets"].items():
-        cells = []
-        for key, _ in HEADLINE:
-            m = res["metrics"].get(key)
-            if not m or m.get("mean") is None:
-                cells.append("n/a")
-            else:
-                cells.append(f"{100 * m['mean']:.2f} ± {100 * (m.get('std') or 0):.2f}")
-        lines.append(f"| {name} | {res['volumes']} | " + " | ".join(cells) + " |")
-    thr = ", ".join(
-        f"{k}={v['value']:.4g}" for k, v in summary["thresholds"].items() if v["value"] is not None
-    )
-    lines.append(f"thresholds: {thr}")
-    return "\n".join(lines)

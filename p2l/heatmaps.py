@@ -13,7 +13,7 @@ and the ablation variants "error" (log(error + 1e-10)) and "variance" (logvar). 
 the grid values of `error` and `logvar` are upsampled separately with the reference's bilinear
 `align_corners=True` rule, and the score is taken afterwards, as the reference does.
 
-Execution (issue "Performance"): the padded slices of the whole volume are placed on every local
+Execution (README, "Performance"): the padded slices of the whole volume are placed on every local
 device once, and the centres of *all* slices form one flat list cut into fixed-size batches
 (static shapes, last batch padded), so batches mix slices and one compiled forward serves every
 volume of a shape. A batch is sharded over the local devices along ('data',); patches are cut
@@ -81,7 +81,7 @@ def _bilinear_taps(size: int, grid: int) -> tuple[np.ndarray, np.ndarray, np.nda
     """Source indices (i0, i1) and weights (w0, w1) of each of `size` outputs along one axis.
 
     torch's `F.interpolate(mode="bilinear", align_corners=True)` (the reference's
-    `reshape_and_upsample`, `to_slice_maps` in ../shared/bench/reference_torch.py): float32
+    `reshape_and_upsample`; `to_slice_maps` of the reference benchmark harness): float32
     scale (grid-1)/(size-1), source = scale*out, i0 = int(source), i1 = i0+1 clamped,
     w1 = source - i0, w0 = 1 - w1. Note that grid point i sits at output i*(size-1)/(grid-1),
     not at its patch centre i*stride (e.g. 4.06*i for 192 px at stride 4), as in the reference.
@@ -128,7 +128,7 @@ def _reads(size: int, grid: int) -> np.ndarray:
 def needed_grid(region_HxWxD: np.ndarray, stride: int) -> np.ndarray:
     """Grid points (D, Ho, Wo) whose patch value reaches at least one voxel of the region.
 
-    Why skipping the others leaves the final result unchanged (issue "Heatmaps", spec §5.4-5.5):
+    Why skipping the others leaves the final result unchanged (spec §5.4-5.5):
     post-processing is `mask * median_s(score)` (p2l.postprocess); voxels with mask <= 0 are 0
     whatever the score, and the median at a voxel v with mask > 0 reads only scores within
     Chebyshev distance s//2 of v (scipy's 'reflect' boundary maps an outside index p-k to k-p-1,
@@ -294,7 +294,29 @@ def start_volume_heatmap(
     variant: str = "combined",
     name: str = "volume",
 ) -> PendingHeatmap:
-    """Dispatches the heatmap of one volume and returns at once; see `volume_heatmap`."""
+    """Dispatches the heatmap of one volume and returns at once (JAX runs it asynchronously);
+    `PendingHeatmap.result()` waits and gives the error, mean log-variance and score of every
+    voxel of the (H, W, D) volume (spec §5.2-5.3).
+
+    Args:
+      model, variables: the Patch2Loc module and its eval-mode {"params", "batch_stats"}.
+      volume_HxWxD: the normalised scan, axial slices last, not masked (spec §5.2).
+      patch: patch side P (training's int(patch_fraction * H)).
+      stride: every stride-th pixel of each slice is a centre; > 1 upsamples bilinearly with
+        align_corners=True as the reference.
+      batch_size: patches per forward per local device (static; the last batch is padded).
+      num_slices: D of the position code 100*z/num_slices (default: the volume's D).
+      region: optional bool (H, W, D): the voxels whose values the caller needs, e.g.
+        `postprocess.influence_region(mask, median_size)`. Only patches that reach it are
+        evaluated (proof at `needed_grid`); every output is 0 outside it.
+      dtype: compute dtype, "float32" (default) or "bfloat16"/"float16".
+      variant: "combined" | "error" | "variance" (which score `HeatmapResult.score` holds).
+      name: names the volume (e.g. its file) in error messages.
+
+    Raises:
+      DataError: the volume is not a finite 3-D array, or the region's shape differs.
+      ConfigError: stride, batch_size, dtype or variant is invalid.
+    """
     patch = _positive_int(patch, "patch")
     stride = _positive_int(stride, "eval.stride")
     batch_size = _positive_int(batch_size, "eval.batch_size")
@@ -337,51 +359,6 @@ def start_volume_heatmap(
     return PendingHeatmap(outputs, counts, grid_index, grid_shape, vol.shape, reg, variant)
 
 
-def volume_heatmap(
-    model,
-    variables,
-    volume_HxWxD,
-    *,
-    patch: int,
-    stride: int = 1,
-    batch_size: int = 1024,
-    num_slices: int | None = None,
-    region=None,
-    dtype: str = "float32",
-    variant: str = "combined",
-    name: str = "volume",
-) -> HeatmapResult:
-    """Error, mean log-variance and score of every voxel of a (H, W, D) volume (spec §5.2-5.3).
-
-    Args:
-      model, variables: the Patch2Loc module and its eval-mode {"params", "batch_stats"}.
-      volume_HxWxD: the normalised scan, axial slices last, not masked (spec §5.2).
-      patch: patch side P (training's int(patch_fraction * H)).
-      stride: every stride-th pixel of each slice is a centre; > 1 upsamples bilinearly with
-        align_corners=True as the reference.
-      batch_size: patches per forward per local device (static; the last batch is padded).
-      num_slices: D of the position code 100*z/num_slices (default: the volume's D).
-      region: optional bool (H, W, D): the voxels whose values the caller needs, e.g.
-        `postprocess.influence_region(mask, median_size)`. Only patches that reach it are
-        evaluated (proof at `needed_grid`); every output is 0 outside it.
-      dtype: compute dtype, "float32" (default) or "bfloat16"/"float16".
-      variant: "combined" | "error" | "variance" (which score `HeatmapResult.score` holds).
-      name: names the volume (e.g. its file) in error messages.
-
-    Raises:
-      DataError: the volume is not a finite 3-D array, or the region's shape differs.
-      ConfigError: stride, batch_size, dtype or variant is invalid.
-    """
-    return start_volume_heatmap(
-        model,
-        variables,
-        volume_HxWxD,
-        patch=patch,
-        stride=stride,
-        batch_size=batch_size,
-        num_slices=num_slices,
-        region=region,
-        dtype=dtype,
-        variant=variant,
-        name=name,
-    ).result()
+def volume_heatmap(model, variables, volume_HxWxD, **options) -> HeatmapResult:
+    """`start_volume_heatmap(...).result()`: the finished heatmap of one volume."""
+    return start_volume_heatmap(model, variables, volume_HxWxD, **options).result()

@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from p2l import parallel, patches
 from p2l.errors import ConfigError
+from p2l.slices_builder import build_slices, read_volumes
 
 # TensorFlow only feeds data: keep it off the accelerators JAX uses (conventions).
 tf.config.set_visible_devices([], "GPU")
@@ -53,8 +54,6 @@ def default_tfds_dir(config) -> str:
 def build_dataset(config):
     """The tfds builder of this config's modality, fold and test sets (built on first use)."""
     import jax
-
-    from data_prep.slices_builder import build_slices
 
     def build():
         return build_slices(
@@ -197,6 +196,4 @@ def val_batch(bank: SliceBank, step: int, seed: int, padded: int) -> dict:
 
 def read_eval_volumes(builder, split: str):
     """Ordered (H, W, D) volumes of an evaluation split (image, mask, seg, subject_id)."""
-    from data_prep.slices_builder import read_volumes
-
     return read_volumes(builder, split)

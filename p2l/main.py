@@ -64,11 +64,11 @@ def main(argv):
         if FLAGS.mode == "train_eval" and _already_evaluated(FLAGS.workdir):
             print(f"p2l: {FLAGS.workdir} is trained and evaluated already (results/summary.json)")
         elif FLAGS.mode in ("eval", "train_eval"):
-            from p2l import evaluate
+            from p2l import evaluate, results_summary
 
             summary = evaluate.evaluate(FLAGS.config, FLAGS.workdir)
             if jax.process_index() == 0:
-                print(evaluate.format_summary(summary))
+                print(results_summary.format_summary(summary))
                 print(f"results: {FLAGS.workdir}/results/")
     except P2LError as err:
         sys.exit(f"error: {err}")
@@ -87,27 +87,21 @@ def _already_evaluated(workdir: str) -> bool:
     return bool(steps) and json.loads(path.read_text()).get("checkpoint_step") == max(steps)
 
 
-_STARTED = False  # set once flags are parsed; errors before that are flag/config errors
-
-
-def run():
+def _parse_flags(argv):
+    """absl's flag parsing, with a one-line answer for an override of a key the config lacks."""
     try:
-        app.run(_main_with_marker)
+        return app.parse_flags_with_usage(argv)
     except (KeyError, AttributeError) as err:
-        if _STARTED:
-            raise
         # ml_collections: an override names a key that the locked config does not have.
         detail = str(err.args[0] if err.args else err)
         for _ in range(3):  # the message comes wrapped in nested repr()s
             detail = detail.replace("\\n", "\n").replace("\\'", "'").strip("'\" \\")
-        overrides = [a for a in sys.argv if a.startswith("--config.")]
+        overrides = [a for a in argv if a.startswith("--config.")]
         sys.exit(f"error: unknown config key in {' '.join(overrides)}: {detail}")
 
 
-def _main_with_marker(argv):
-    global _STARTED
-    _STARTED = True
-    main(argv)
+def run():
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Per-volume evaluation metrics on the evaluation grid, and their aggregation (spec §6).
+"""Per-volume evaluation metrics on the evaluation grid (spec §6).
 
 Host numpy/scipy only. Fixes the reference's bugs (spec §6, §8.20):
 - the confusion matrix is read in the right order (the reference called
@@ -10,7 +10,7 @@ Host numpy/scipy only. Fixes the reference's bugs (spec §6, §8.20):
 
 Conventions: `seg` and `mask` are label maps binarised with > 0 (spec §2.2). Metrics that are
 undefined for a volume are NaN (a ratio 0/0) or inf (a Hausdorff distance to an empty mask), never
-an arbitrary number; `aggregate` leaves them out and counts them.
+an arbitrary number; `results_summary.aggregate` leaves them out and counts them.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from scipy import ndimage
 
 from p2l.errors import ConfigError, DataError
 from p2l.postprocess import remove_small_components
-from p2l.thresholds import ORACLE_STEPS, ThresholdPolicy, oracle_threshold, predict
+from p2l.thresholds import ORACLE, ORACLE_STEPS, oracle_threshold, predict
 
 # Spec §6: the reference reports the 100th-percentile Hausdorff distance; HD95 is the usual
 # companion in the pDDPM literature.
@@ -210,8 +210,12 @@ def _surface_distances(
     return to_gt, to_pred
 
 
-def _directed(distances: np.ndarray, percentile: float | None) -> float:
-    return float(distances.max() if percentile is None else np.percentile(distances, percentile))
+def _symmetric(distances: tuple[np.ndarray, np.ndarray] | float, percentile: float | None) -> float:
+    """The larger directed distance (maximum, or the percentile); NaN / inf pass through."""
+    if isinstance(distances, float):
+        return distances
+    pick = lambda d: d.max() if percentile is None else np.percentile(d, percentile)  # noqa: E731
+    return float(max(pick(d) for d in distances))
 
 
 def _check_percentile(percentile: float | None) -> None:
@@ -247,10 +251,7 @@ def hausdorff(
     """
     pred, gt = _pair(pred, gt, name)
     _check_percentile(percentile)
-    distances = _surface_distances(pred, gt, _check_spacing(spacing, pred.ndim))
-    if isinstance(distances, float):
-        return distances
-    return max(_directed(distances[0], percentile), _directed(distances[1], percentile))
+    return _symmetric(_surface_distances(pred, gt, _check_spacing(spacing, pred.ndim)), percentile)
 
 
 # --- per-slice metrics ---------------------------------------------------------------------------
@@ -352,7 +353,7 @@ def volume_metrics(
         raise DataError(name, f"mask shape {mask.shape} does not match score shape {shape}")
     axis = _check_axis(axis, len(shape))
     spacing = _check_spacing(spacing, len(shape))
-    if oracle and ThresholdPolicy.ORACLE.value in thresholds:
+    if oracle and ORACLE in thresholds:
         raise ConfigError("thresholds", "'oracle' is computed per volume; do not pass it")
     for policy, value in thresholds.items():
         if not isinstance(policy, str) or not policy or "[" in policy or "]" in policy:
@@ -374,9 +375,7 @@ def volume_metrics(
     }
     policies: dict[str, float] = {}
     if oracle:
-        _, policies[ThresholdPolicy.ORACLE.value] = oracle_threshold(
-            score, truth, oracle_steps, name=name
-        )
+        _, policies[ORACLE] = oracle_threshold(score, truth, oracle_steps, name=name)
     policies.update({str(k): float(v) for k, v in thresholds.items()})
 
     for policy, threshold in policies.items():
@@ -396,42 +395,6 @@ def volume_metrics(
         row[f"slice_dice[{policy}]"] = float(per_slice.mean()) if per_slice.size else float("nan")
         if hausdorff_distances:
             distances = _surface_distances(pred, truth, spacing)
-            if isinstance(distances, float):
-                row[f"hd[{policy}]"] = row[f"hd95[{policy}]"] = distances
-            else:
-                row[f"hd[{policy}]"] = max(_directed(d, None) for d in distances)
-                row[f"hd95[{policy}]"] = max(_directed(d, HD_PERCENTILE) for d in distances)
+            for key, pct in (("hd", None), ("hd95", HD_PERCENTILE)):
+                row[f"{key}[{policy}]"] = _symmetric(distances, pct)
     return row
-
-
-def aggregate(rows: Sequence[Mapping[str, object]]) -> dict[str, dict[str, float]]:
-    """Mean and standard deviation over volumes of every numeric key of `rows`.
-
-    For each key (in order of first appearance): {"mean", "std", "n", "n_nan", "n_inf"}. Mean and
-    std use only the finite values; std is over volumes with ddof=0 (numpy's default, as the
-    reference's np.nanstd). A row without the key counts as NaN. Non-finite values are counted,
-    not averaged: the reference did the same for Hausdorff (inf) and nanmean elsewhere, but used
-    a plain mean for precision/recall, where sklearn had turned undefined values into 0.
-    Keys whose values are not all numbers (e.g. volume ids) are skipped.
-    """
-    keys: dict[str, None] = {}
-    for row in rows:
-        keys.update(dict.fromkeys(row))
-    summary: dict[str, dict[str, float]] = {}
-    for key in keys:
-        raw = [row.get(key, float("nan")) for row in rows]
-        if not all(
-            isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
-            for v in raw
-        ):
-            continue
-        values = np.asarray(raw, dtype=np.float64)
-        finite = values[np.isfinite(values)]
-        summary[key] = {
-            "mean": float(finite.mean()) if finite.size else float("nan"),
-            "std": float(finite.std()) if finite.size else float("nan"),
-            "n": float(finite.size),
-            "n_nan": float(np.count_nonzero(np.isnan(values))),
-            "n_inf": float(np.count_nonzero(np.isinf(values))),
-        }
-    return summary

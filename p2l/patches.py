@@ -88,8 +88,8 @@ def draw_candidates(
 
     y, x = jax.vmap(per_slice_draw)(slice_index_b)  # (b, K) each
     # Mask pixels in each candidate's window, counted in the window itself (exact integers): a
-    # summed-area table of every slice per step cost ~0.1 s of a 1.3 s CPU step, as XLA:CPU
-    # lowers cumsum to a quadratic reduce-window.
+    # summed-area table of every slice per step is far slower, as XLA:CPU lowers cumsum to a
+    # quadratic reduce-window (README, "Performance").
     rows = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], y.shape)
     windows = extract_patches(
         pad_slices(mask_one_bxHxW, patch), rows.ravel(), y.ravel(), x.ravel(), patch

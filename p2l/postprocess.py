@@ -99,10 +99,10 @@ def median_filter(
     API and boundary modes, and the median of an odd-sized window (rank size**ndim // 2) is one
     input value, so both give identical results.
 
-    scipy takes ~14 s of CPU on a 192x192x100 volume. This formulation pads once with numpy's
-    'symmetric' mode (== scipy 'reflect', including repeated reflection on tiny axes), gathers each
-    window into a row and selects its middle element with `np.partition`: ~2.7x less CPU, and
-    numpy releases the GIL, so `workers` threads run in parallel.
+    This formulation pads once with numpy's 'symmetric' mode (== scipy 'reflect', including
+    repeated reflection on tiny axes), gathers each window into a row and selects its middle
+    element with `np.partition`: less CPU than scipy's filter (README, "Performance"), and numpy
+    releases the GIL, so `workers` threads run in parallel.
 
     Args:
       score: real array, any number of dimensions.

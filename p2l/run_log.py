@@ -1,66 +1,12 @@
-"""What a run leaves for people and tools: TensorBoard scalars, metrics.jsonl, a progress line,
-and run_info.json (versions, git SHA, devices, config) — conventions "metrics" and "pins".
-
-Only process 0 writes.
+"""Training's record for people and tools: metrics.jsonl, TensorBoard scalars and the progress
+line (conventions "metrics"). Only process 0 writes.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import platform
-import subprocess
-import sys
-import time
 from pathlib import Path
-
-import jax
-
-
-def write_json_atomic(path: Path, payload) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def git_sha() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-            timeout=5,
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def run_info(config) -> dict:
-    import flax
-    import optax
-    import orbax.checkpoint
-    import tensorflow_datasets
-
-    return {
-        "argv": sys.argv,
-        "git_sha": git_sha(),
-        "python": platform.python_version(),
-        "versions": {
-            "jax": jax.__version__,
-            "flax": flax.__version__,
-            "optax": optax.__version__,
-            "orbax-checkpoint": orbax.checkpoint.__version__,
-            "tensorflow-datasets": tensorflow_datasets.__version__,
-        },
-        "backend": jax.default_backend(),
-        "devices": [str(d) for d in jax.devices()],
-        "device_kind": jax.devices()[0].device_kind,
-        "process_count": jax.process_count(),
-        "config": config.to_dict(),
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
 
 
 class MetricLog:
@@ -89,20 +35,6 @@ class MetricLog:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
-
-
-def read_metrics(workdir: Path) -> list[dict]:
-    """Records of metrics.jsonl; a torn last line (killed mid-write) is ignored."""
-    path = Path(workdir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
 
 
 def format_duration(seconds: float) -> str:

@@ -1,12 +1,11 @@
 """The network's stem, conv 3x3/s2/pad 3 -> BatchNorm -> ReLU -> max pool 3/s2/pad 1, fused.
 
-Why (issue "Performance"): on a 24x24 patch the stem's output is a 14x14x64 map, 51 MB per 1024
-patches, four times the size of any later activation. On a 2-core CPU the conv (one input
-channel), the train-mode BatchNorm passes, the max pool and their backward passes over that map
-cost ~170 ms of a ~1.3 s training step and ~35 ms of a ~290 ms inference batch, although the
-arithmetic is tiny. The fused form never materialises the 14x14 map and is the same function
-(spec §3.1's layers, equal up to float32 rounding; `conv_impl="xla"` keeps the layer-by-layer
-form):
+Why: on a 24x24 patch the stem's output is a 14x14x64 map, 51 MB per 1024 patches, four times
+the size of any later activation. The conv (one input channel), the train-mode BatchNorm passes,
+the max pool and their backward passes over that map take a large share of a CPU training step
+although the arithmetic is tiny. The fused form never materialises the 14x14 map and is the same
+function (spec §3.1's layers, equal up to float32 rounding; `conv_impl="xla"` keeps the
+layer-by-layer form):
 
 1. BatchNorm folds into the conv. The conv is linear in the 9 taps of each output's 3x3 input
    window, so the batch statistics of its output follow exactly from the taps' mean `mu` and

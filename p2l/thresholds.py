@@ -1,21 +1,23 @@
 """Thresholds that turn a lesion map into a binary prediction (spec §5.6, §7, §8.14, §8.17).
 
-Three policies, and every reported Dice carries the name of the one that produced it (spec §7):
+Three policies, and every reported Dice carries the name of the one that produced it (spec §7);
+`policies()` is the one table of them that evaluation, tables and detection loop over:
 
 - "oracle": per volume, the reference's Zimmerer bisection against that volume's own ground truth
   ("Supervised" in the reference code): an upper bound, not comparable to pDDPM/cDDPM numbers.
 - "validation": one threshold for a whole test set, tuned once on a lesion validation split to
   maximise the Dice of the pooled voxels (pDDPM/cDDPM protocol, spec §7).
-- "healthy_q98": the 98th percentile of in-brain scores of healthy volumes ("Unsupervised" in the
-  reference, whose code path is commented out, spec §5.6).
+- "healthy_q<q>" (q = `eval.healthy_quantile`, 98 in the reference: "healthy_q98"): the q-th
+  percentile of in-brain scores of healthy volumes ("Unsupervised" in the reference, whose code
+  path is commented out, spec §5.6).
 
 The prediction rule is always `score > threshold` (strict), see `predict`.
 """
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -27,12 +29,35 @@ HEALTHY_QUANTILE = 98.0
 ORACLE_STEPS = 10
 
 
-class ThresholdPolicy(str, enum.Enum):
-    """Names under which thresholds and the metrics computed with them are reported."""
+ORACLE = "oracle"
+VALIDATION = "validation"
 
-    ORACLE = "oracle"
-    VALIDATION = "validation"
-    HEALTHY_Q98 = "healthy_q98"
+
+@dataclass(frozen=True)
+class Policy:
+    """A threshold policy: `name` keys its metrics (`dice[<name>]`), `label` heads table columns."""
+
+    name: str
+    label: str
+    meaning: str  # one line for the legend under tables
+    per_volume: bool = False  # True: needs the volume's own ground truth (no stored value)
+
+
+def healthy_policy_name(q: float = HEALTHY_QUANTILE) -> str:
+    return f"healthy_q{q:g}"
+
+
+def policies(healthy_quantile: float = HEALTHY_QUANTILE) -> tuple[Policy, ...]:
+    """The threshold policies of a run, in reporting order; the healthy one named from its q."""
+    q = float(healthy_quantile)
+    return (
+        Policy(ORACLE, "oracle", "per-volume best threshold (the reference's 'Supervised Dice', "
+               "an upper bound)", per_volume=True),
+        Policy(VALIDATION, "val-tuned", "one threshold per dataset from its lesion validation "
+               "split"),
+        Policy(healthy_policy_name(q), f"healthy q{q:g}", f"{q:g}th percentile of healthy IXI "
+               "in-brain scores"),
+    )  # fmt: skip
 
 
 def _as_score(score: np.ndarray, name: str) -> np.ndarray:
@@ -211,9 +236,8 @@ def validation_threshold(
     edge, and then exactly at every distinct score value in the two bins next to the best edge.
     The result is the exact optimum unless the objective peaks higher strictly inside another
     bin. Every voxel of each volume counts, background included, as in the per-volume Dice. Ties go
-    to the smallest candidate. Cost: two passes over the volumes (~0.06 s of CPU per 192x192x100
-    volume); objective "mean" also holds a few (n_volumes, n_bins) count arrays (~50 MB each for
-    100 volumes).
+    to the smallest candidate. Cost: two passes over the volumes; objective "mean" also holds a
+    few (n_volumes, n_bins) count arrays (~50 MB each for 100 volumes).
     """
     if objective not in ("pooled", "mean"):
         raise ConfigError("validation_objective", f"must be 'pooled' or 'mean', got {objective!r}")

@@ -9,37 +9,35 @@ mean are over all valid patches of the step, as in the reference's single-GPU ru
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import PartitionSpec
 
-from p2l import checkpoint, config_check, input_pipeline, losses, parallel, patches, run_log
-from p2l.errors import ConfigError, DataError, P2LError
-from p2l.model import create_model, init_variables
+from p2l import (
+    checkpoint,
+    config_check,
+    input_pipeline,
+    losses,
+    parallel,
+    patches,
+    run_info,
+    run_log,
+)
+from p2l.errors import P2LError
+from p2l.model import create_model
+from p2l.train_state import TrainState, create_train_state, make_optimizer
 
 
 class TrainingDiverged(P2LError):
     """The loss or gradient became non-finite; the state from before that step is kept."""
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: Any
-    batch_stats: Any
-    opt_state: Any
 
 
 @dataclass(frozen=True)
@@ -68,23 +66,6 @@ def step_geometry(config, slices: int, num_candidates: int, devices: int) -> Ste
     return StepGeometry(patch, slices, padded, per_slice, num_candidates, capacity, devices)
 
 
-def make_optimizer(config) -> optax.GradientTransformation:
-    # Adam, betas (0.9, 0.999), eps 1e-8, constant lr, no weight decay or clipping (spec §3.3).
-    return optax.adam(config.optim.learning_rate, b1=0.9, b2=0.999, eps=1e-8)
-
-
-def create_train_state(config, model, tx, key) -> TrainState:
-    patch = patches.patch_size_for(config.data.image_shape[0], config.sampling.patch_fraction)
-    variables = init_variables(model, key, patch)
-    params = variables["params"]
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        batch_stats=variables["batch_stats"],
-        opt_state=tx.init(params),
-    )
-
-
 def make_sampler(geometry: StepGeometry, rejection_rate: float, mesh):
     """Per-device patch sampling as a global function of the sharded slice batch."""
 
@@ -110,6 +91,10 @@ def make_sampler(geometry: StepGeometry, rejection_rate: float, mesh):
         in_specs=(PartitionSpec(), data, data, data, data),
         out_specs=patches.PatchBatch(*([data] * 6)),
     )
+
+
+def _sample(sampler, key, batch: dict) -> patches.PatchBatch:
+    return sampler(key, batch["image"], batch["mask_one"], batch["position"], batch["slice_index"])
 
 
 def _forward_loss(model, config, params, batch_stats, pb, train: bool):
@@ -153,13 +138,7 @@ def make_train_step(model, tx, config, geometry: StepGeometry, mesh):
     grad_fn = jax.value_and_grad(partial(_forward_loss, model, config), has_aux=True)
 
     def train_step(state: TrainState, batch: dict, key: jax.Array):
-        pb = sampler(
-            jax.random.fold_in(key, 0),
-            batch["image"],
-            batch["mask_one"],
-            batch["position"],
-            batch["slice_index"],
-        )
+        pb = _sample(sampler, jax.random.fold_in(key, 0), batch)
         (loss, (new_stats, aux)), grads = grad_fn(state.params, state.batch_stats, pb, True)
         updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
@@ -200,13 +179,7 @@ def make_eval_step(model, config, geometry: StepGeometry, mesh):
     sampler = make_sampler(geometry, config.sampling.rejection_rate, mesh)
 
     def eval_step(state: TrainState, batch: dict, key: jax.Array):
-        pb = sampler(
-            jax.random.fold_in(key, 1),
-            batch["image"],
-            batch["mask_one"],
-            batch["position"],
-            batch["slice_index"],
-        )
+        pb = _sample(sampler, jax.random.fold_in(key, 1), batch)
         loss, (_, aux) = _forward_loss(model, config, state.params, state.batch_stats, pb, False)
         return {"val_loss": loss, "val_mae": aux["mae"], "val_mean_logvar": aux["mean_logvar"]}
 
@@ -257,7 +230,7 @@ def train_and_evaluate(config, workdir: str | Path) -> TrainState:
     is_main = jax.process_index() == 0
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
-        run_log.write_json_atomic(workdir / "run_info.json", run_log.run_info(config))
+        run_info.write(workdir, config)
 
     mesh = parallel.create_mesh()
     devices = mesh.devices.size
@@ -364,54 +337,3 @@ def train_and_evaluate(config, workdir: str | Path) -> TrainState:
         ckpt.close()
         log.close()
     return state
-
-
-def restore_variables(config, workdir: str | Path) -> tuple[Any, dict, int]:
-    """(model, eval-mode variables, step) of the latest checkpoint in `workdir`.
-
-    Fails with a clear message when there is no checkpoint, when it was trained for the other
-    modality (run_info.json), or when its shapes do not fit the config (e.g. another patch size).
-    """
-    workdir = Path(workdir)
-    ckpt = checkpoint.Checkpointer(workdir)
-    try:
-        step = ckpt.latest_step()
-        if step is None:
-            raise DataError(workdir, "no checkpoint found: train first (make train CONFIG=...)")
-        info_path = workdir / "run_info.json"
-        if info_path.exists():
-            trained = json.loads(info_path.read_text()).get("config", {})
-            # The network is fully convolutional, so a checkpoint of another patch size would
-            # load without a shape error: compare what fixes the input instead.
-            for key in ("modality", "data.image_shape", "sampling.patch_fraction"):
-                want, got = _dotted(config.to_dict(), key), _dotted(trained, key)
-                if got is not None and list(np.ravel(got)) != list(np.ravel(want)):
-                    raise ConfigError(
-                        key,
-                        f"the checkpoint in {workdir} was trained with {key}={got!r}, "
-                        f"but this config has {want!r}",
-                    )
-        model = create_model(config)
-        tx = make_optimizer(config)
-        like = create_train_state(config, model, tx, jax.random.key(0))
-        like = jax.device_put(like, parallel.replicated(parallel.create_mesh()))
-        try:
-            state = ckpt.restore(like, step)
-        except (ValueError, KeyError, TypeError) as err:
-            raise DataError(
-                workdir / "checkpoints" / str(step),
-                "checkpoint does not match this config's model (another patch size or "
-                f"architecture?): {str(err).splitlines()[0][:300]}",
-            ) from None
-    finally:
-        ckpt.close()
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    return model, variables, int(step)
-
-
-def _dotted(tree: dict, key: str):
-    for part in key.split("."):
-        if not isinstance(tree, dict) or part not in tree:
-            return None
-        tree = tree[part]
-    return tree

@@ -7,7 +7,6 @@ SimpleITK and transposes (2, 1, 0), spec §2.2). A volume is (H, W, D) with D th
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -15,6 +14,7 @@ from typing import Literal
 import nibabel as nib
 import numpy as np
 
+from p2l.atomic_write import atomic_path
 from p2l.errors import DataError
 
 VolumeKind = Literal["image", "mask", "seg"]
@@ -125,18 +125,7 @@ def write_volume_atomic(
     data = np.asarray(data)
     if data.ndim != 3:
         raise ValueError(f"expected a 3-D array for {path}, got shape {data.shape}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     img = nib.Nifti1Image(data.astype(dtype), np.asarray(affine, dtype=np.float64))
     img.header.set_xyzt_units("mm")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=suffix) as tmp:
         nib.save(img, tmp)
-        # mkstemp makes the file owner-only; give it the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

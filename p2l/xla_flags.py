@@ -1,11 +1,10 @@
-"""XLA:CPU flags p2l sets by default at its entry points (issue "Performance").
+"""XLA:CPU flags p2l sets by default at its entry points (README, "Performance").
 
 The pinned jax (0.10.2) sends XLA:CPU convolutions to YNNPACK. On this network's shapes (7x7 and
-4x4 maps, 64-128 channels, batches of ~1024 patches) those kernels scale poorly to 2 threads and
-are slower for weight gradients than XLA's Eigen convolutions; with convolutions on Eigen (matrix
-products stay on YNNPACK) a 2-core EPYC gave ~3,300 instead of ~2,400 inference and ~790 instead
-of ~570 training patches/s, same results up to float32 rounding. `make bench ARGS=--no-xla-flags`
-measures without them.
+4x4 maps, 64-128 channels, batches of ~1024 patches) those kernels scale poorly to few threads
+and are slower for weight gradients than XLA's Eigen convolutions, so convolutions go to Eigen
+(matrix products stay on YNNPACK); same results up to float32 rounding. `make bench
+ARGS=--no-xla-flags` measures without them.
 
 The flags only exist in the XLA of the pinned version (XLA aborts on an unknown flag), so they
 are added only there; a flag the user already set in $XLA_FLAGS is never overridden. They must

@@ -1,11 +1,10 @@
-"""`make bench` (p2l.bench) and the side-by-side comparison (benchmarks/side_by_side.py)."""
+"""`make bench` (benchmarks.bench) and the side-by-side comparison (benchmarks/side_by_side.py)."""
 
 import json
 
 import pytest
 
-from benchmarks import side_by_side
-from p2l import bench
+from benchmarks import bench, side_by_side
 
 TINY = [
     "--image-size", "32", "--patch-size", "8", "--patches", "64", "--train-slices", "8",
@@ -121,7 +120,7 @@ def test_both_harnesses_get_the_same_size_flags():
     assert flags[flags.index("--infer-batch") + 1] == "256"
     assert flags[flags.index("--slices") + 1] == "0"
     assert flags[flags.index("--stride1-slices") + 1] == "0"
-    # Every shared flag exists in p2l.bench with the same spelling.
+    # Every shared flag exists in benchmarks.bench with the same spelling.
     bench.parse_args(flags)
 
 
@@ -167,7 +166,7 @@ def test_a_fresh_process_starts_jax_with_the_flags():
     from p2l import xla_flags
 
     code = (
-        "import p2l.train, p2l.detect, p2l.evaluate, p2l.bench; from p2l import xla_flags; "
+        "import p2l.train, p2l.detect, p2l.evaluate, benchmarks.bench; from p2l import xla_flags; "
         "import jax, os; added = xla_flags.apply(); jax.devices(); "
         "print(jax.__version__ == xla_flags.PINNED_JAX, bool(added), os.environ['XLA_FLAGS'])"
     )

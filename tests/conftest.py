@@ -6,10 +6,11 @@ from pathlib import Path
 import pytest
 
 from p2l import xla_flags
+from p2l.config_file import set_dotted
 
 # The tests run with the XLA:CPU flags users get from every entry point (p2l.main, p2l.detect,
-# p2l.bench): a test comparing an in-process run with a `python -m p2l.main` subprocess (kill and
-# resume) needs both on the same convolution kernels to be bit-identical.
+# benchmarks.bench): a test comparing an in-process run with a `python -m p2l.main` subprocess
+# (kill and resume) needs both on the same convolution kernels to be bit-identical.
 xla_flags.apply()
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -26,8 +27,8 @@ def shared_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def small_demo(tmp_path_factory) -> Path:
-    """A small embedded-default dataset (p2l.demo_data) shared by the end-to-end tests."""
-    from p2l import demo_data
+    """A small embedded-default dataset (data_prep.demo_data) shared by the end-to-end tests."""
+    from data_prep import demo_data
 
     out = tmp_path_factory.mktemp("demo")
     demo_data.write_demo_dataset(out, seed=0, n_train=8, n_val=2, n_test=2, n_ixi_test=1)
@@ -44,9 +45,5 @@ def demo_config(small_demo: Path, **overrides):
     config.tfds_dir = str(small_demo / "tfds")
     config.sampling.slices_per_step = 4
     for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+        set_dotted(config, key, value)
     return config

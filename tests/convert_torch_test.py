@@ -1,4 +1,5 @@
-"""p2l.convert_torch: name/layout mapping, strictness errors, and equal outputs with the reference.
+"""p2l.torch_weights and p2l.tools.convert_torch: name/layout mapping, strictness errors, and
+equal outputs with the reference.
 
 The strictness tests run without torch: they build a torch-named numpy state dict from a p2l
 variable tree with an inverse mapping written here from torchvision's naming rules (independently
@@ -13,9 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from p2l import convert_torch
+from p2l import config_file, torch_weights
 from p2l import model as model_lib
 from p2l.errors import DataError, P2LError
+from p2l.tools import convert_torch
 from tests.torch_reference import reference_network
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,7 +105,7 @@ def _assert_trees_equal(a, b):
 def test_round_trip_fills_every_variable_exactly(variables, state_dict):
     # 62 BN layers x (weight, bias, mean, var) + 20 convs + 10 Linears x (weight, bias) = 152.
     assert len([k for k in state_dict if not k.endswith("num_batches_tracked")]) == 152
-    got = convert_torch.torch_state_dict_to_variables(state_dict)
+    got = torch_weights.torch_state_dict_to_variables(state_dict)
     assert set(got) == {"params", "batch_stats"}
     _assert_trees_equal(got["params"], variables["params"])
     _assert_trees_equal(got["batch_stats"], variables["batch_stats"])
@@ -111,7 +113,7 @@ def test_round_trip_fills_every_variable_exactly(variables, state_dict):
 
 
 def test_layouts_of_conv_and_linear(state_dict):
-    got = convert_torch.torch_state_dict_to_variables(state_dict)
+    got = torch_weights.torch_state_dict_to_variables(state_dict)
     conv = state_dict["encoder.layer2.0.downsample.0.weight"]  # (128, 64, 1, 1) OIHW
     assert conv.shape == (128, 64, 1, 1)
     kernel = got["params"]["encoder"]["layer2_0"]["downsample_conv"]["kernel"]
@@ -127,7 +129,7 @@ def test_missing_key_is_named_with_the_file(state_dict):
     broken = dict(state_dict)
     del broken["encoder.layer3.1.bn2.running_var"]
     with pytest.raises(DataError) as err:
-        convert_torch.torch_state_dict_to_variables(broken, source="ckpt/last_fold-1.ckpt")
+        torch_weights.torch_state_dict_to_variables(broken, source="ckpt/last_fold-1.ckpt")
     msg = str(err.value)
     assert msg.startswith("ckpt/last_fold-1.ckpt: ")
     assert "1 missing keys" in msg and "encoder.layer3.1.bn2.running_var" in msg
@@ -138,14 +140,14 @@ def test_unexpected_keys_are_listed(state_dict):
     broken["encoder.fc.weight"] = np.zeros((10, 512), np.float32)
     broken["encoder.extra.num_batches_tracked"] = np.array(1)  # not a BN of the network
     with pytest.raises(DataError, match="2 unexpected keys") as err:
-        convert_torch.torch_state_dict_to_variables(broken)
+        torch_weights.torch_state_dict_to_variables(broken)
     assert "encoder.fc.weight" in str(err.value)
     assert "encoder.extra.num_batches_tracked" in str(err.value)
 
 
 def test_num_batches_tracked_is_optional(state_dict):
     bare = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
-    convert_torch.torch_state_dict_to_variables(bare)  # no error
+    torch_weights.torch_state_dict_to_variables(bare)  # no error
 
 
 def test_wrong_shape_names_key_and_both_shapes(state_dict):
@@ -153,7 +155,7 @@ def test_wrong_shape_names_key_and_both_shapes(state_dict):
     broken["mean_branch.0.weight"] = np.zeros((512, 256), np.float32)
     broken["encoder.conv1.weight"] = np.zeros((64, 3, 3, 3), np.float32)  # RGB stem
     with pytest.raises(DataError, match="2 shape or dtype mismatches") as err:
-        convert_torch.torch_state_dict_to_variables(broken)
+        torch_weights.torch_state_dict_to_variables(broken)
     msg = str(err.value)
     assert "mean_branch.0.weight: float32[512, 256], expected float[512, 512]" in msg
     assert "encoder.conv1.weight: float32[64, 3, 3, 3], expected float[64, 1, 3, 3]" in msg
@@ -164,18 +166,18 @@ def test_non_finite_and_negative_variance_are_rejected(state_dict):
     broken["encoder.bn1.weight"] = np.full(64, np.nan, np.float32)
     broken["mean_branch.1.running_var"] = -np.ones(512, np.float32)
     with pytest.raises(DataError, match="2 bad values") as err:
-        convert_torch.torch_state_dict_to_variables(broken)
+        torch_weights.torch_state_dict_to_variables(broken)
     assert "encoder.bn1.weight: contains NaN" in str(err.value)
     assert "mean_branch.1.running_var: negative running variance" in str(err.value)
 
 
 def test_prefix_is_detected_given_or_absent(state_dict):
     lightning = {f"model.{k}": v for k, v in state_dict.items()}
-    stripped, prefix = convert_torch.strip_prefix(lightning, None)
+    stripped, prefix = torch_weights.strip_prefix(lightning, None)
     assert prefix == "model." and set(stripped) == set(state_dict)
-    stripped, prefix = convert_torch.strip_prefix(lightning, "model.")
+    stripped, prefix = torch_weights.strip_prefix(lightning, "model.")
     assert set(stripped) == set(state_dict)
-    stripped, prefix = convert_torch.strip_prefix(state_dict, None)
+    stripped, prefix = torch_weights.strip_prefix(state_dict, None)
     assert prefix == "" and set(stripped) == set(state_dict)
 
 
@@ -183,17 +185,17 @@ def test_prefix_errors(state_dict):
     two = {f"model.{k}": v for k, v in state_dict.items()}
     two.update({f"ema.{k}": v for k, v in state_dict.items()})
     with pytest.raises(DataError, match=r"several networks .*'ema\.', 'model\.'"):
-        convert_torch.strip_prefix(two, None, "x.ckpt")
+        torch_weights.strip_prefix(two, None, "x.ckpt")
     with pytest.raises(DataError, match="not a Patch2Loc state dict"):
-        convert_torch.strip_prefix({"fc.weight": np.zeros(1)}, None, "x.ckpt")
+        torch_weights.strip_prefix({"fc.weight": np.zeros(1)}, None, "x.ckpt")
     with pytest.raises(DataError, match="no key starts with prefix 'module.'"):
-        convert_torch.strip_prefix(state_dict, "module.", "x.ckpt")
+        torch_weights.strip_prefix(state_dict, "module.", "x.ckpt")
     # Keys outside the prefix stay as they are, so the strict check reports them.
     extra = {f"model.{k}": v for k, v in state_dict.items()}
     extra["loss_scale"] = np.ones(1, np.float32)
-    stripped, _ = convert_torch.strip_prefix(extra, "model.")
+    stripped, _ = torch_weights.strip_prefix(extra, "model.")
     with pytest.raises(DataError, match="1 unexpected keys:\n  loss_scale"):
-        convert_torch.torch_state_dict_to_variables(stripped)
+        torch_weights.torch_state_dict_to_variables(stripped)
 
 
 def test_missing_input_file(tmp_path):
@@ -238,7 +240,7 @@ def _numpy_state_dict(net) -> dict[str, np.ndarray]:
 def test_same_eval_outputs_as_reference(torch_net, conv_impl):
     import torch
 
-    variables = convert_torch.torch_state_dict_to_variables(_numpy_state_dict(torch_net))
+    variables = torch_weights.torch_state_dict_to_variables(_numpy_state_dict(torch_net))
     gen = torch.Generator().manual_seed(2)
     patches = torch.randn(32, 1, 24, 24, generator=gen)
     position = 99 * torch.rand(32, generator=gen)
@@ -257,7 +259,7 @@ def test_same_eval_outputs_as_reference(torch_net, conv_impl):
 def test_cli_writes_a_restorable_workdir(torch_state_dict, variables, tmp_path, capsys):
     import torch
 
-    from p2l import checkpoint, train
+    from p2l import checkpoint, train_state
     from p2l.model import create_model
 
     ckpt = tmp_path / "last_fold-1.ckpt"
@@ -269,10 +271,10 @@ def test_cli_writes_a_restorable_workdir(torch_state_dict, variables, tmp_path, 
     assert convert_torch.main(argv) == 0
     assert f"wrote {workdir / 'checkpoints' / '7'}" in capsys.readouterr().out
 
-    config = convert_torch.load_config(config_spec)
-    tx = train.make_optimizer(config)
+    config = config_file.load_config(config_spec)
+    tx = train_state.make_optimizer(config)
     abstract = jax.eval_shape(
-        lambda: train.create_train_state(config, create_model(config), tx, jax.random.key(1))
+        lambda: train_state.create_train_state(config, create_model(config), tx, jax.random.key(1))
     )
     template = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), abstract)
     restored = checkpoint.Checkpointer(workdir).restore(template)

@@ -13,7 +13,7 @@ import pytest
 
 from data_prep import prepare, validate
 from data_prep.manifest import read_manifest
-from data_prep.slices_builder import build_slices, read_volumes
+from p2l.slices_builder import build_slices, read_volumes
 from p2l.splits import read_test_split
 from tests import data_prep_phantom as phantom
 

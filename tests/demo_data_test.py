@@ -1,4 +1,4 @@
-"""Tests of p2l.demo_data: layout, CSV formats, volumes, determinism, marker, no network."""
+"""Tests of data_prep.demo_data: layout, CSV formats, volumes, determinism, marker, no network."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
-from p2l import demo_data
+from data_prep import demo_data
 from p2l.errors import ConfigError, DataError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

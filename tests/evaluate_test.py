@@ -8,8 +8,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from p2l import detect, evaluate, tables, train
+from p2l import detect, evaluate, results_summary, train, train_state
 from p2l.errors import ConfigError, DataError
+from p2l.tools import tables
 from tests.conftest import demo_config
 
 
@@ -42,7 +43,7 @@ def test_evaluation_writes_results_figures_and_labelled_thresholds(trained):
     assert len(rows) == 3 and rows[0].startswith("dataset,subject_id")
     assert (results / "synth_error_vs_variance.png").stat().st_size > 0
     assert len(list(results.glob("synth_*_overlay.png"))) == 1
-    text = evaluate.format_summary(summary)
+    text = results_summary.format_summary(summary)
     assert "Dice (oracle)" in text and "| Synth | 2 |" in text
 
 
@@ -108,12 +109,12 @@ def test_checkpoint_from_another_config_is_refused(trained):
     other = config.copy_and_resolve_references()
     other.data.image_shape = (192, 192, 100)
     with pytest.raises(ConfigError, match="image_shape"):
-        train.restore_variables(other, workdir)
+        train_state.restore_variables(other, workdir)
 
 
 def test_no_checkpoint_gives_a_clear_error(tmp_path, small_demo):
     with pytest.raises(DataError, match="no checkpoint found"):
-        train.restore_variables(demo_config(small_demo), tmp_path)
+        train_state.restore_variables(demo_config(small_demo), tmp_path)
 
 
 def test_detect_without_brain_mask_refuses_unstripped_scan(trained, tmp_path):

@@ -217,10 +217,10 @@ def reference():
 def test_same_heatmap_as_the_reference_code(reference, stride, shape):
     """Same weights -> the reference harness's volume_heatmap (spec §5.2-5.3) and ours agree."""
     torch, module, net = reference
-    from p2l import convert_torch
+    from p2l import torch_weights
 
     state = {k: v.detach().numpy() for k, v in net.state_dict().items()}
-    variables = convert_torch.torch_state_dict_to_variables(state)
+    variables = torch_weights.torch_state_dict_to_variables(state)
     vol = np.random.default_rng(3).random(shape).astype(np.float32)
     h, w, d = shape
     volume = torch.from_numpy(vol.transpose(2, 0, 1).copy())[:, None]  # (D, 1, H, W)

@@ -15,7 +15,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from p2l import metrics, postprocess, thresholds
+from p2l import metrics, postprocess, results_summary, thresholds
 from p2l.errors import ConfigError, DataError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -247,11 +247,11 @@ def test_aggregate_nan_and_inf():
         {"id": "b", "dice": 3.0, "hd": 2.0},
         {"id": "c", "dice": math.nan},
     ]
-    summary = metrics.aggregate(rows)
+    summary = results_summary.aggregate(rows)
     assert "id" not in summary
     assert summary["dice"] == {"mean": 2.0, "std": 1.0, "n": 2.0, "n_nan": 1.0, "n_inf": 0.0}
     assert summary["hd"] == {"mean": 2.0, "std": 0.0, "n": 1.0, "n_nan": 1.0, "n_inf": 1.0}
-    assert math.isnan(metrics.aggregate([{"x": math.nan}])["x"]["mean"])
+    assert math.isnan(results_summary.aggregate([{"x": math.nan}])["x"]["mean"])
 
 
 def _centre_crop_or_pad(volume: np.ndarray, shape=(192, 192, 100)) -> np.ndarray:

@@ -3,6 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from p2l import layers
 from p2l import model as model_lib
 
 
@@ -54,7 +55,7 @@ def test_conv_as_matmul_is_exact(size, cin, cout, stride, pad, k):
     want = jax.lax.conv_general_dilated(
         x, w, (stride, stride), [(pad, pad)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
-    got = model_lib.conv_as_matmul(x, w, stride, pad)
+    got = layers.conv_as_matmul(x, w, stride, pad)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 

@@ -1,8 +1,8 @@
-"""The real-data check (experiments/real_check.py) on the scans of ../shared/data."""
+"""The real-data check (data_prep/real_check.py) on the scans of ../shared/data."""
 
 import pytest
 
-from experiments import real_check
+from data_prep import real_check
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Tests for data_prep.slices_builder: a tiny generated reference layout and the real IXI002 T2."""
+"""Tests for p2l.slices_builder: a tiny generated reference layout and the real IXI002 T2."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import pytest
 from scipy import ndimage
 from tensorflow_datasets.core.utils import gcs_utils
 
-from data_prep import slices_builder
-from data_prep.slices_builder import Patch2LocSlices, build_slices, read_volumes
+from p2l import slices_builder
 from p2l.errors import ConfigError, DataError
 from p2l.normalization import load_subject
+from p2l.slices_builder import Patch2LocSlices, build_slices, read_volumes
 from p2l.splits import read_ixi_split, read_test_split
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -205,11 +205,11 @@ def test_build_logs_one_line_per_volume(tiny, tmp_path, caplog):
     splits = tmp_path / "splits"
     shutil.copytree(tiny.splits, splits)
     _ixi_csv(splits / "IXI_train_fold0.csv", TRAIN[:2])
-    with caplog.at_level(logging.INFO, logger="data_prep.slices_builder"):
+    with caplog.at_level(logging.INFO, logger="p2l.slices_builder"):
         builder = build_slices(
             **{**tiny.kwargs, "splits_dir": splits, "test_sets": (), "data_dir": tmp_path / "t"}
         )
-    lines = [r.getMessage() for r in caplog.records if r.name == "data_prep.slices_builder"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "p2l.slices_builder"]
     assert len(lines) == 2 + 2 + 1  # train, val, ixi_test volumes
     assert lines[0] == f"train: volume 1/2 {TRAIN[0]} ({TARGET[2]} slices)"
     assert set(builder.info.splits.keys()) == {"train", "val", "ixi_test"}

@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from p2l import losses, stem
+from p2l import layers, losses, stem
 from p2l import model as model_lib
 
-EPS = model_lib.BN_EPSILON
+EPS = layers.BN_EPSILON
 
 
 def _layer_by_layer(x, kernel, scale, bias):
@@ -20,7 +20,7 @@ def _layer_by_layer(x, kernel, scale, bias):
     mean = y.mean((0, 1, 2))
     var = ((y - mean) ** 2).mean((0, 1, 2))
     y = (y - mean) * jax.lax.rsqrt(var + EPS) * scale + bias
-    return model_lib.max_pool_3x3_s2(jax.nn.relu(y)), mean, var
+    return layers.max_pool_3x3_s2(jax.nn.relu(y)), mean, var
 
 
 def _fused(x, kernel, scale, bias):
@@ -94,7 +94,7 @@ def test_ties_go_to_the_first_maximum_like_xla_max_pool():
             x[..., None], k.reshape(3, 3, 1, 3), (2, 2), [(3, 3)] * 2,
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )  # fmt: skip
-        return model_lib.max_pool_3x3_s2(jax.nn.relu(y))
+        return layers.max_pool_3x3_s2(jax.nn.relu(y))
 
     want = jax.grad(lambda x, k: jnp.sum(plain(x, k) * cot), argnums=(0, 1))(x, k9)
     got = jax.grad(lambda x, k: jnp.sum(stem.conv_relu_pool(x, k, bias) * cot), argnums=(0, 1))(
@@ -177,4 +177,4 @@ def test_fused_stem_keeps_the_variable_tree():
         assert x.shape == y.shape and x.dtype == y.dtype
     enc = a["params"]["encoder"]
     np.testing.assert_array_equal(enc["conv1"]["kernel"], b["params"]["encoder"]["conv1"]["kernel"])
-    assert isinstance(model_lib.BatchNormState(4), nn.Module)
+    assert isinstance(layers.BatchNormState(4), nn.Module)

@@ -5,8 +5,8 @@ import textwrap
 
 import pytest
 
-from p2l import sweep
 from p2l.errors import ConfigError
+from p2l.tools import sweep
 
 
 def test_demo_sweep_expands_to_two_folds_by_two_seeds(tmp_path):

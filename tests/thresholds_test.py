@@ -7,7 +7,6 @@ import pytest
 
 from p2l import thresholds
 from p2l.errors import ConfigError, DataError
-from p2l.thresholds import ThresholdPolicy
 
 
 def _recursive_bisection(x, y, low, high, steps, step=0, best=0, point=0):
@@ -35,8 +34,11 @@ def _recursive_bisection(x, y, low, high, steps, step=0, best=0, point=0):
 
 
 def test_policy_names():
-    assert [p.value for p in ThresholdPolicy] == ["oracle", "validation", "healthy_q98"]
-    assert ThresholdPolicy("healthy_q98") is ThresholdPolicy.HEALTHY_Q98
+    assert [p.name for p in thresholds.policies()] == ["oracle", "validation", "healthy_q98"]
+    # The healthy policy is named from its quantile: eval.healthy_quantile=95 is "healthy_q95".
+    assert [p.name for p in thresholds.policies(95.0)][-1] == "healthy_q95"
+    assert thresholds.healthy_policy_name(97.5) == "healthy_q97.5"
+    assert [p.per_volume for p in thresholds.policies()] == [True, False, False]
 
 
 def test_predict_is_strict_and_compares_in_the_score_dtype():

@@ -45,7 +45,7 @@ Layout written under `out_dir` (spec §1.1/§1.2, split CSV formats copied from 
 
 CSV paths are relative to `out_dir/data` and start with "/" as in the reference.
 
-CLI: `python -m p2l.demo_data --out DIR [--seed N]` (also --n-train, --n-val, --n-test,
+CLI: `python -m data_prep.demo_data --out DIR [--seed N]` (also --n-train, --n-val, --n-test,
 --n-ixi-test, --spacing-mm); it prints what it wrote, or that the folder was complete already.
 """
 
@@ -61,9 +61,7 @@ import io
 import json
 import math
 import numbers
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +70,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from p2l.atomic_write import write_bytes_atomic
 from p2l.errors import ConfigError, DataError, P2LError
 
 # Bump when the generated content changes, so that old COMPLETE.json markers stop matching.
@@ -391,24 +390,6 @@ def _nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
     return gzip.compress(img.to_bytes(), compresslevel=1, mtime=0)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename over the target."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as err:
-        raise DataError(path, f"cannot write: {err.strerror or err}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise DataError(path, f"cannot write: {err.strerror or err}") from None
-        raise
-
-
 def _csv_bytes(
     header: Sequence[str], rows: Sequence[Sequence[object]], newline: str = "\n"
 ) -> bytes:
@@ -608,7 +589,7 @@ def write_demo_dataset(
     written: dict[str, dict] = {}
 
     def put(rel: str, data: bytes) -> None:
-        _atomic_write(out_dir / rel, data)
+        write_bytes_atomic(out_dir / rel, data)
         written[rel] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
     n_healthy = n_train + n_val + n_ixi_test
@@ -634,19 +615,19 @@ def write_demo_dataset(
             (out_dir / rel).unlink(missing_ok=True)
     listing = json.dumps(sorted((k, v["sha256"]) for k, v in written.items())).encode()
     marker = {
-        "generator": "p2l.demo_data",
+        "generator": "data_prep.demo_data",
         "parameters": params,
         "digest": hashlib.sha256(listing).hexdigest(),
         "files": dict(sorted(written.items())),
     }
-    _atomic_write(out_dir / MARKER_NAME, (json.dumps(marker, indent=1) + "\n").encode())
+    write_bytes_atomic(out_dir / MARKER_NAME, (json.dumps(marker, indent=1) + "\n").encode())
     return out_dir
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: write the demo dataset and say what was written (or that it was complete already)."""
     parser = argparse.ArgumentParser(
-        prog="python -m p2l.demo_data", description=__doc__.split("\n")[0]
+        prog="python -m data_prep.demo_data", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--out", type=Path, required=True, help="dataset root to write")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

@@ -1,22 +1,17 @@
-"""`make bench`: one JSON line of p2l's throughput, comparable to ../shared/bench/reference_torch.py
+"""`make bench`: one JSON line of p2l's throughput, flag-compatible with the PyTorch reference
+harness reference_torch.py (its path is the user's: `benchmarks.side_by_side --reference PATH`).
 
-    python -m p2l.bench [--patches 1024] [--infer-batch 1024] [--stride 4] [--slices 12] ...
+    python -m benchmarks.bench [--patches 1024] [--infer-batch 1024] [--stride 4] [--slices 12] ...
 
-Figures (warm-up excluded, medians over repetitions; sizes are flags named as the reference's):
-- train: valid patches/s of the real jitted train step (p2l.train.make_train_step: on-device
-  patch sampling with rejection, forward, beta-NLL, backward, Adam) on synthetic brain-like
-  slices (an ellipse mask and random intensities, as the reference harness), with the
-  accepted-patch buffer set to `--patches` and 4x as many candidates, so every step trains on
-  `--patches` valid patches as the reference's fixed-size step does. Unlike the reference's
-  headline figure, p2l's step time *includes* patch sampling.
-- infer: patches/s of the eval-mode forward on sliding-window patches (p2l.heatmaps), and the
-  wall time of a volume heatmap at `--stride` and at stride 1 (patches whose result cannot reach
-  the brain are skipped, as in evaluation; the number actually evaluated is reported), with the
-  7x7x7 median filter and brain masking (p2l.postprocess) timed separately. Volumes with fewer
-  slices than `--full-slices` are extrapolated and marked so, as the reference does.
-- pipeline: slices/s read from a tfds build of a small generated dataset (p2l.demo_data), and
-  slices/s of the training batch iterator.
-- peak host memory (ru_maxrss), device kind and count, dtypes, XLA_FLAGS.
+Figures (warm-up excluded, medians over repetitions):
+- train: valid patches/s of the jitted train step (p2l.train.make_train_step), patch sampling
+  included, on synthetic brain-like slices with `--patches` valid patches per step.
+- infer: patches/s of the eval-mode forward (p2l.heatmaps) and the wall time of a volume heatmap
+  at `--stride` and at stride 1 plus post-processing (p2l.postprocess); volumes shorter than
+  `--full-slices` are extrapolated and marked so.
+- pipeline: slices/s read from a tfds build of generated data (data_prep.demo_data) and of the
+  training batch iterator.
+- peak host memory, device kind and count, dtypes, XLA_FLAGS.
 """
 
 from __future__ import annotations
@@ -39,7 +34,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from p2l import heatmaps, input_pipeline, parallel, patches, postprocess, train, xla_flags
+from p2l import (
+    heatmaps,
+    input_pipeline,
+    parallel,
+    patches,
+    postprocess,
+    train,
+    train_state,
+    xla_flags,
+)
 from p2l.model import create_model, init_variables
 
 MEDIAN_SIZE = postprocess.DEFAULT_MEDIAN_SIZE
@@ -119,9 +123,9 @@ def bench_train(args, mesh) -> tuple[dict, dict]:
     del bank
 
     model = create_model(config)
-    tx = train.make_optimizer(config)
+    tx = train_state.make_optimizer(config)
     state = jax.jit(
-        lambda key: train.create_train_state(config, model, tx, key),
+        lambda key: train_state.create_train_state(config, model, tx, key),
         out_shardings=parallel.replicated(mesh),
     )(jax.random.key(args.seed))
     step_fn = train.make_train_step(model, tx, config, geometry, mesh)
@@ -296,8 +300,8 @@ def bench_pipeline(args) -> dict:
     """Slices/s from a tfds build of a small generated dataset (embedded default, 96x96x48)."""
     import tensorflow_datasets as tfds
 
+    from data_prep import demo_data
     from experiments import demo
-    from p2l import demo_data
 
     tfds.disable_progress_bar()
     root = Path(tempfile.mkdtemp(prefix="p2l_bench_"))

@@ -5,9 +5,9 @@ A config file may define `sweep()` returning dicts of dotted overrides, one per 
 against the locked config before anything runs. A run's workdir is
 `<runs>/<config name>/<k=v,...>` over the keys that vary across the sweep.
 
-    python -m p2l.sweep --config=experiments/brats.py --list
-    python -m p2l.sweep --config=experiments/demo.py                 # run them here
-    python -m p2l.sweep --config=experiments/brats.py --launch=slurm [--submit] [--gpus-per-task=1]
+    python -m p2l.tools.sweep --config=experiments/brats.py --list
+    python -m p2l.tools.sweep --config=experiments/demo.py                 # run them here
+    python -m p2l.tools.sweep --config=experiments/brats.py --launch=slurm [--submit]
 
 Locally, runs go one per GPU (CUDA_VISIBLE_DEVICES) or one after another on CPU; a run whose
 workdir holds results/summary.json is skipped, an unfinished one resumes from its checkpoint.
@@ -16,7 +16,6 @@ workdir holds results/summary.json is skipped, an unfinished one resumes from it
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import shlex
 import shutil
@@ -26,9 +25,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from p2l import config_file
+from p2l.atomic_write import write_text_atomic
 from p2l.errors import ConfigError, P2LError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -50,35 +51,9 @@ def _flag_value(value) -> str:
     return str(value)
 
 
-def load_config_module(spec: str):
-    """(module, variant) of 'experiments/x.py[:variant]'."""
-    path, _, variant = spec.partition(":")
-    if not Path(path).is_file():
-        raise ConfigError("config", f"{path}: no such config file")
-    module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module, variant
-
-
-def _set_dotted(config, key: str, value) -> None:
-    node = config
-    *parents, leaf = key.split(".")
-    try:
-        for part in parents:
-            node = node[part]
-        if leaf not in node:
-            raise KeyError(leaf)
-        node[leaf] = value
-    except (KeyError, AttributeError, TypeError) as err:
-        raise ConfigError(
-            key, f"sweep override {key}={value!r} does not fit the config ({err})"
-        ) from None
-
-
 def expand(spec: str, runs_root: str | Path = "runs") -> list[Run]:
     """The runs of a config's sweep, each override validated against the locked config."""
-    module, variant = load_config_module(spec)
+    module, variant = config_file.load_config_module(spec)
     if not hasattr(module, "sweep"):
         raise ConfigError("sweep", f"{spec} defines no sweep()")
     entries = [dict(e) for e in module.sweep()]
@@ -89,7 +64,7 @@ def expand(spec: str, runs_root: str | Path = "runs") -> list[Run]:
         config = base.copy_and_resolve_references()
         config.lock()
         for key, value in entry.items():
-            _set_dotted(config, key, value)
+            config_file.set_dotted(config, key, value)
     varying = sorted(k for k in entries[0] if len({repr(e.get(k)) for e in entries}) > 1)
     name = base.name + (f"_{variant}" if variant else "")
     runs = []
@@ -217,10 +192,7 @@ def main(argv=None) -> int:
             extra=args.extra,
         )
         path = runs[0].workdir.parent / "sweep.sbatch"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(".sweep.sbatch.tmp")
-        tmp.write_text(script)
-        os.replace(tmp, path)
+        write_text_atomic(path, script)
         print(f"wrote {path} ({len(runs)} array tasks)")
         if args.submit:
             return subprocess.run(["sbatch", str(path)]).returncode

@@ -1,4 +1,6 @@
-"""Collect evaluation summaries into the paper's table layout: python -m p2l.tables --runs runs/.
+"""Collect evaluation summaries into the paper's table layout (`make tables`).
+
+    python -m p2l.tools.tables --runs runs/
 
 Every run folder (one holding run_info.json) below --runs is one training run (a fold, a seed, a
 setting). Runs are grouped by config name; for each dataset the table gives the mean ± std over
@@ -13,20 +15,15 @@ import argparse
 import csv
 import io
 import json
-import os
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-COLUMNS = (
-    ("dice[oracle]", "Dice oracle"),
-    ("dice[validation]", "Dice val-tuned"),
-    ("dice[healthy_q98]", "Dice healthy-q98"),
-    ("auprc", "AUPRC"),
-    ("auroc", "AUROC"),
-)
+from p2l import results_summary
+from p2l.atomic_write import write_text_atomic
+from p2l.thresholds import HEALTHY_QUANTILE
 
 
 def find_runs(root: Path) -> list[Path]:
@@ -37,6 +34,8 @@ def collect(root: Path) -> tuple[dict, list[str]]:
     """{config name: {dataset: {metric: [per-run means]}}}, and problems found."""
     table: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     runs: dict = defaultdict(lambda: defaultdict(list))
+    columns: dict[str, str] = {}  # headline metrics of all runs, in order (key -> header)
+    quantiles: set[float] = set()
     problems = []
     for run in find_runs(root):
         info = json.loads((run / "run_info.json").read_text())
@@ -52,34 +51,40 @@ def collect(root: Path) -> tuple[dict, list[str]]:
             problems.append(f"{run}: no results/summary.json (not evaluated, or failed)")
             continue
         summary = json.loads(summary_path.read_text())
+        quantile = summary.get("eval", {}).get("healthy_quantile", HEALTHY_QUANTILE)
+        quantiles.add(quantile)
+        headline = results_summary.headline(quantile)
+        columns.update(headline)
         for dataset in expected:
             res = summary.get("sets", {}).get(dataset)
             if res is None:
                 problems.append(f"{run}: summary has no {dataset} results")
                 continue
             runs[name][dataset].append(str(run))
-            for key, _ in COLUMNS:
+            for key, _ in headline:
                 mean = (res["metrics"].get(key) or {}).get("mean")
                 table[name][dataset][key].append(np.nan if mean is None else float(mean))
-    return {"table": table, "runs": runs}, problems
+    collected = {"table": table, "runs": runs, "columns": columns, "quantiles": sorted(quantiles)}
+    return collected, problems
 
 
 def render(collected: dict) -> tuple[str, str]:
     """(Markdown, CSV) of the collected table."""
+    columns = tuple(collected["columns"].items()) or results_summary.headline()
     md = [
-        "| config | dataset | runs | " + " | ".join(h for _, h in COLUMNS) + " |",
-        "|---|---|---|" + "---|" * len(COLUMNS),
+        "| config | dataset | runs | " + " | ".join(h for _, h in columns) + " |",
+        "|---|---|---|" + "---|" * len(columns),
     ]
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(
-        ["config", "dataset", "runs"] + [f"{h} {s}" for _, h in COLUMNS for s in ("mean", "std")]
+        ["config", "dataset", "runs"] + [f"{h} {s}" for _, h in columns for s in ("mean", "std")]
     )
     for name, datasets in sorted(collected["table"].items()):
         for dataset, values in sorted(datasets.items()):
             n = len(collected["runs"][name][dataset])
             cells, csv_cells = [], []
-            for key, _ in COLUMNS:
+            for key, _ in columns:
                 v = np.asarray(values[key], float)
                 finite = v[np.isfinite(v)]
                 if finite.size == 0:
@@ -95,17 +100,9 @@ def render(collected: dict) -> tuple[str, str]:
     md.append("")
     md.append(
         "Mean ± std over runs (folds/seeds) of each run's mean over volumes, in %. "
-        "Dice oracle: per-volume best threshold (the reference's 'Supervised Dice', an upper "
-        "bound); val-tuned: one threshold per dataset from its lesion validation split; "
-        "healthy-q98: 98th percentile of healthy IXI scores."
+        + " ".join(results_summary.legend(q) for q in collected["quantiles"] or [HEALTHY_QUANTILE])
     )
     return "\n".join(md), buf.getvalue()
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
@@ -121,8 +118,8 @@ def main(argv=None) -> int:
     markdown, table_csv = render(collected)
     out = Path(args.out or root)
     out.mkdir(parents=True, exist_ok=True)
-    _write(out / "tables.md", markdown + "\n")
-    _write(out / "tables.csv", table_csv)
+    write_text_atomic(out / "tables.md", markdown + "\n")
+    write_text_atomic(out / "tables.csv", table_csv)
     print(markdown)
     for p in problems:
         print(f"MISSING: {p}")
