@@ -8,13 +8,21 @@ positive inside the brain, a non-empty mask in [0, 1] with a plausible brain vol
 and counts equal to the recorded ones; the `mask/`/`seg/` links of the split CSVs. With --splits:
 every file the loader (`p2l.splits`) would open for every split row exists, and its image, mask and
 seg share a grid. Prints a summary; exits 1 when anything is wrong.
+
+--quick reads headers, not voxels or hashes, but still catches a truncated file: a .nii.gz must
+end with a gzip trailer whose length field equals the header's size (offset + voxels); only when
+it does not (a truncated or multi-member file) is the stream decompressed once to tell which. A
+.nii must be at least that long. Damage inside an intact-length stream needs the full mode.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import re
+import struct
 import sys
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +41,7 @@ _AXCODES = "LPS"  # ITK's RAI, as nibabel names it
 _MAX_NONPOSITIVE = 0.2  # share of brain voxels <= 0 above which intensities are implausible
 _AFFINE_ATOL = 1e-4
 _LISTED = 3
+_CHUNK = 1 << 20
 
 
 @dataclass
@@ -60,7 +69,16 @@ def _check_row(folder: Path, row: dict, report: Report, quick: bool) -> None:
     if problems:
         report.errors += [f"{name}: {p}" for p in problems]
         return
-    headers = {kind: nib.load(folder / rec["path"]) for kind, rec in row["outputs"].items()}
+    headers = {}
+    for kind, rec in row["outputs"].items():
+        path = folder / rec["path"]
+        problem = _header_problem(path)
+        if isinstance(problem, str):
+            report.errors.append(f"{name}: {path}: {problem}")
+        else:
+            headers[kind] = problem
+    if len(headers) < len(row["outputs"]):
+        return
     for kind, img in headers.items():
         rec = row["outputs"][kind]
         where = f"{name}: {rec['path']}"
@@ -84,6 +102,43 @@ def _check_row(folder: Path, row: dict, report: Report, quick: bool) -> None:
     if quick or report.errors and report.errors[-1].startswith(name):
         return
     _check_data(name, {k: np.asarray(v.dataobj) for k, v in headers.items()}, row, report)
+
+
+def _header_problem(path: Path):
+    """The loaded header, or why the file is unusable (unreadable header, truncated data)."""
+    try:
+        img = nib.load(path)
+        proxy = img.dataobj  # the on-disk layout (the loaded header's vox_offset reads 0)
+        expected = proxy.offset + int(np.prod(proxy.shape)) * np.dtype(proxy.dtype).itemsize
+    except Exception as err:  # nibabel raises many types for a damaged header
+        return f"cannot read the NIfTI header ({' '.join(str(err).split())})"
+    problem = _truncation(path, int(expected))
+    return problem if problem else img
+
+
+def _truncation(path: Path, expected: int) -> str | None:
+    """Whether `path` holds fewer than `expected` bytes of header and voxels (see --quick)."""
+    if not path.name.endswith(".gz"):
+        size = path.stat().st_size
+        return f"truncated: {size} of {expected} bytes" if size < expected else None
+    with open(path, "rb") as f:
+        f.seek(-4, 2)  # a gzip member ends with CRC32 and ISIZE (length mod 2**32)
+        if struct.unpack("<I", f.read(4))[0] == expected % 2**32:
+            return None
+    try:
+        total = _gzip_length(path)
+    except (EOFError, OSError, zlib.error) as err:
+        return f"truncated or corrupt gzip stream ({err})"
+    return f"truncated: {total} of {expected} bytes" if total < expected else None
+
+
+def _gzip_length(path: Path) -> int:
+    """Decompressed length of every gzip member of `path`, read through once."""
+    total = 0
+    with gzip.open(path, "rb") as stream:
+        while chunk := stream.read(_CHUNK):
+            total += len(chunk)
+    return total
 
 
 def _check_data(name: str, data: dict[str, np.ndarray], row: dict, report: Report) -> None:
@@ -144,6 +199,9 @@ def _check_shared(root: Path, spec_key: str, rows: dict, report: Report, quick: 
                 report.errors.append(f"{subject}: {kind}/ file missing: {path}")
                 continue
             if quick:
+                problem = _header_problem(path)
+                if isinstance(problem, str):
+                    report.errors.append(f"{subject}: {path}: {problem}")
                 continue
             recorded = {
                 rows[(subject, m)]["outputs"][kind]["sha256"]
@@ -295,7 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--allow-missing", action="store_true", help="split rows without files are warnings"
     )
-    parser.add_argument("--quick", action="store_true", help="headers only: no hashes, no voxels")
+    parser.add_argument(
+        "--quick", action="store_true", help="headers and file lengths only: no hashes, no voxels"
+    )
     args = parser.parse_args(argv)
     try:
         reports = validate(args.root, args.splits, args.allow_missing, args.quick)

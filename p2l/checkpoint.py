@@ -1,8 +1,12 @@
 """Checkpoints: the only module that imports orbax (conventions).
 
-Orbax writes each step into a temporary folder and renames it when complete, so a run killed
-mid-save leaves no checkpoint that looks finished; `latest_step` and `restore` only see complete
-ones.
+Orbax writes each step into a temporary folder (`<step>.orbax-checkpoint-tmp-*`) and renames it
+to `<step>` when complete, so a run killed mid-save leaves no checkpoint that looks finished;
+`latest_step`, `restore` and `complete_steps` only see complete ones. The run's identity
+(`p2l.run_identity`) lives beside the step folders, in `checkpoints/identity.json`.
+
+orbax and jax are imported when a Checkpointer is made, so that tools which only look at run
+folders (`p2l.tools.sweep --list`, `p2l.tools.tables`) stay quick.
 """
 
 from __future__ import annotations
@@ -10,15 +14,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import jax
-import orbax.checkpoint as ocp
+DIRNAME = "checkpoints"
+
+
+def complete_steps(workdir: str | Path) -> list[int]:
+    """The steps of the complete checkpoints in `workdir`, ascending, without starting orbax."""
+    directory = Path(workdir) / DIRNAME
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
 
 
 class Checkpointer:
     """Save / restore the train state pytree under <workdir>/checkpoints/<step>."""
 
     def __init__(self, workdir: str | Path, keep: int = 3):
-        self.directory = Path(workdir).absolute() / "checkpoints"
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.directory = Path(workdir).absolute() / DIRNAME
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -26,15 +40,17 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def save(self, step: int, state: Any) -> None:
-        self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        self._manager.save(step, args=self._ocp.args.StandardSave(state), force=True)
 
     def restore(self, state_like: Any, step: int | None = None) -> Any:
         """Restore into the structure, shapes and shardings of `state_like`."""
+        import jax
+
         step = self._manager.latest_step() if step is None else step
         abstract = jax.tree_util.tree_map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state_like
         )
-        return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        return self._manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
 
     def close(self) -> None:
         self._manager.wait_until_finished()

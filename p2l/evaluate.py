@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from p2l import (
     config_check,
+    disk_check,
     figures,
     metrics,
     normalization,
@@ -206,9 +207,11 @@ def evaluate(config, workdir: str | Path) -> dict:
 
     config_check.check_paths(config)
     workdir = Path(workdir)
-    model, variables, step = train_state.restore_variables(config, workdir)
     out = workdir / "results"
-    out.mkdir(parents=True, exist_ok=True)
+    # Before hours of heatmaps: a read-only or full results folder stops here, in one line.
+    # 100 MB: a nominal size for the CSVs, summary and figures of a run.
+    disk_check.check_writable(out, 100 * 10**6, "evaluation")
+    model, variables, step = train_state.restore_variables(config, workdir)
     builder = input_pipeline.build_dataset(config)
     scorer = Scorer(config, model, variables)
     t_start = time.perf_counter()

@@ -3,6 +3,11 @@
 Config overrides: --config.fold=3 --config.data_root=/data/p2l ...; the config is locked, so a
 misspelt key stops the run before anything starts. Multi-process runs (SLURM, TPU pods, or
 explicit --coordinator_address) call jax.distributed.initialize() first.
+
+The workdir is locked while it runs (a second process on it stops at once). Resuming under a
+config whose identity differs from the checkpoint's stops, naming the keys, unless
+--accept_config_change names them (p2l.run_identity). Exit codes: 0 done, 1 error,
+75 interrupted by SIGTERM/SIGINT (checkpointed, not evaluated; the same command resumes).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from p2l import config_file
 from p2l.errors import P2LError
 
 FLAGS = flags.FLAGS
@@ -24,6 +30,12 @@ flags.DEFINE_enum(
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs)")
 flags.DEFINE_integer("num_processes", None, "number of processes (multi-process runs)")
 flags.DEFINE_integer("process_id", None, "this process's index (multi-process runs)")
+flags.DEFINE_list(
+    "accept_config_change",
+    [],
+    "resume although these identity keys differ from the checkpoint's (comma-separated; "
+    "recorded in <workdir>/checkpoints/identity.json)",
+)
 
 
 def _multi_process_requested() -> bool:
@@ -56,47 +68,97 @@ def main(argv):
         )
     if FLAGS.config is None or FLAGS.workdir is None:
         sys.exit("error: --config and --workdir are required")
-    from p2l import train
+    from p2l import interrupt
 
+    is_main = jax.process_index() == 0
     try:
-        if FLAGS.mode in ("train", "train_eval"):
-            train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-        if FLAGS.mode == "train_eval" and _already_evaluated(FLAGS.workdir):
-            print(f"p2l: {FLAGS.workdir} is trained and evaluated already (results/summary.json)")
-        elif FLAGS.mode in ("eval", "train_eval"):
-            from p2l import evaluate, results_summary
-
-            summary = evaluate.evaluate(FLAGS.config, FLAGS.workdir)
-            if jax.process_index() == 0:
-                print(results_summary.format_summary(summary))
-                print(f"results: {FLAGS.workdir}/results/")
-    except P2LError as err:
-        sys.exit(f"error: {err}")
+        with interrupt.stop_signals():
+            code, message = _run_locked(is_main)
+    except interrupt.Interrupted as stop:  # before the lock was taken
+        code, message = interrupt.EXIT_INTERRUPTED, f"p2l: stopped by {stop.signal_name}"
+    except P2LError as err:  # e.g. the workdir is in use: its status is not ours to write
+        code, message = 1, f"error: {err}"
+    if message:
+        print(message, file=sys.stderr, flush=True)
+    return code
 
 
-def _already_evaluated(workdir: str) -> bool:
-    """results/summary.json exists and was made from the latest checkpoint (sweeps re-run)."""
-    import json
-    from pathlib import Path
+def _run_locked(is_main: bool) -> tuple[int, str | None]:
+    """Runs the mode holding the workdir lock; (exit code, last line), with the run's status."""
+    import contextlib
 
-    path = Path(workdir) / "results" / "summary.json"
-    ckpts = Path(workdir) / "checkpoints"
-    if not path.exists() or not ckpts.is_dir():
-        return False
-    steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()]
-    return bool(steps) and json.loads(path.read_text()).get("checkpoint_step") == max(steps)
+    from p2l import checkpoint, interrupt, run_status, workdir_lock
+
+    workdir, mode = FLAGS.workdir, FLAGS.mode
+    lock = (
+        workdir_lock.hold(workdir, mode, create=mode != "eval")
+        if is_main
+        else contextlib.nullcontext()
+    )
+    status = run_status.write if is_main else lambda *a, **k: None
+    with lock:
+        status(workdir, "running", mode=mode, pid=os.getpid())
+        try:
+            _run_mode(workdir, mode)
+        except interrupt.Interrupted as stop:
+            steps = checkpoint.complete_steps(workdir)
+            latest = steps[-1] if steps else None
+            status(workdir, "interrupted", signal=stop.signal_name, step=latest)
+            num_steps = FLAGS.config.num_steps
+            if latest is not None and latest >= num_steps:
+                done = f"training is complete (step {latest}), evaluation was not run"
+            else:
+                done = f"latest checkpoint: step {latest} of {num_steps}; not evaluated"
+            return interrupt.EXIT_INTERRUPTED, (
+                f"p2l: interrupted by {stop.signal_name}: {done}. Run the same command again "
+                f"to resume (exit code {interrupt.EXIT_INTERRUPTED})"
+            )
+        except P2LError as err:
+            status(workdir, "failed", message=str(err))
+            return 1, f"error: {err}"
+        steps = checkpoint.complete_steps(workdir)
+        status(
+            workdir,
+            "trained" if mode == "train" else "evaluated",
+            step=steps[-1] if steps else None,
+        )
+    return 0, None
+
+
+def _run_mode(workdir: str, mode: str) -> None:
+    import jax
+
+    from p2l import run_status, train
+
+    if mode in ("train", "train_eval"):
+        train.train_and_evaluate(FLAGS.config, workdir, FLAGS.accept_config_change)
+    if mode == "train_eval" and run_status.run_state(workdir, FLAGS.config.num_steps).finished:
+        print(f"p2l: {workdir} is trained and evaluated already (results/summary.json)")
+    elif mode in ("eval", "train_eval"):
+        from p2l import evaluate, results_summary
+
+        summary = evaluate.evaluate(FLAGS.config, workdir)
+        if jax.process_index() == 0:
+            print(results_summary.format_summary(summary))
+            print(f"results: {workdir}/results/")
 
 
 def _parse_flags(argv):
-    """absl's flag parsing, with a one-line answer for an override of a key the config lacks."""
+    """absl's flag parsing, with one-line answers for a config file or variant typo and for an
+    override of a key the config lacks."""
+    # Before absl's config flag, which would turn a typo into a traceback.
+    spec = config_file.config_spec_in_argv(argv)
+    if spec is not None:
+        try:
+            config_file.check_config_spec(spec)
+        except P2LError as err:
+            sys.exit(f"error: {err}")
     try:
         return app.parse_flags_with_usage(argv)
     except (KeyError, AttributeError) as err:
         # ml_collections: an override names a key that the locked config does not have.
-        detail = str(err.args[0] if err.args else err)
-        for _ in range(3):  # the message comes wrapped in nested repr()s
-            detail = detail.replace("\\n", "\n").replace("\\'", "'").strip("'\" \\")
         overrides = [a for a in argv if a.startswith("--config.")]
+        detail = config_file.unknown_key_detail(err)
         sys.exit(f"error: unknown config key in {' '.join(overrides)}: {detail}")
 
 

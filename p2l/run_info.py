@@ -1,5 +1,7 @@
-"""run_info.json: what a run was made with (versions, git SHA, devices, the full config), written
-when training starts and read back by evaluation and detection (conventions "pins").
+"""run_info.json: what the latest training start of a run was made with (versions, git SHA,
+devices, the full config, the identity hash), written once the config passed the identity check
+(`p2l.run_identity`). Detection reads its config back, with the identity keys taken from the
+checkpoint's stored identity, which is what the model was trained with.
 """
 
 from __future__ import annotations
@@ -59,8 +61,8 @@ def describe(config) -> dict:
     }
 
 
-def write(workdir: Path, config) -> None:
-    write_json_atomic(Path(workdir) / FILENAME, describe(config))
+def write(workdir: Path, config, **extra) -> None:
+    write_json_atomic(Path(workdir) / FILENAME, {**describe(config), **extra})
 
 
 def read_trained_config(workdir: str | Path) -> dict | None:
@@ -75,10 +77,16 @@ def read_trained_config(workdir: str | Path) -> dict | None:
 
 
 def load_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
-    """The trained config of a run folder as a ConfigDict; a clear error when there is none."""
+    """The trained config of a run folder as a ConfigDict, its identity keys as stored with the
+    latest checkpoint; a clear error when there is none."""
+    from p2l import run_identity
+
     trained = read_trained_config(workdir)
     if trained is None:
         raise DataError(
             Path(workdir) / FILENAME, "not found: --workdir must be a trained p2l run folder"
         )
+    stored = run_identity.stored_identity(workdir)
+    if stored is not None:
+        trained = run_identity.overlay(trained, stored)
     return ml_collections.ConfigDict(trained)

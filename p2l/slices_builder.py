@@ -2,7 +2,8 @@
 
 Every scan goes through `p2l.normalization.load_subject` (spec §2.2) once, and its D axial slices
 are stored in order, so training can sample slices and evaluation can regroup whole volumes
-(`read_volumes`). Build with `build_slices(...)`; nothing is downloaded.
+(`read_volumes`). Build with `build_slices(...)`; nothing is downloaded. A build is reused only
+while its input volumes are the ones it was made from (`p2l.build_inputs`).
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
+import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +23,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.utils import gcs_utils
 
+from p2l import build_inputs, disk_check
 from p2l.errors import ConfigError, DataError
 from p2l.normalization import load_subject
 from p2l.splits import (
@@ -166,7 +170,7 @@ class Patch2LocSlices(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         # Reading the CSVs now reports a missing or malformed split file before any work; the
         # scans themselves are only required when the build runs (_split_generators), so an
         # existing build stays readable without the raw data.
-        _read_rows(inputs, check_files=False)
+        self._rows = _read_rows(inputs, check_files=False)
         self._inputs = inputs
         config = tfds.core.BuilderConfig(
             name=f"{inputs.modality}_fold{inputs.fold}_{_config_hash(inputs)}",
@@ -187,6 +191,17 @@ class Patch2LocSlices(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             expected_spacing=expected_spacing,
             data_dir=data_dir,
         )
+
+    def input_files(self) -> list[str]:
+        """Every volume the build reads (image, mask, seg of each row), sorted, once each."""
+        rows = [row for split_rows in self._rows.values() for row in split_rows]
+        paths = {p for row in rows for p in (row.image_path, row.mask_path, row.seg_path) if p}
+        return sorted(paths)
+
+    def estimated_bytes(self) -> int:
+        """Upper estimate of the build's size: every row's volume as float32 (zlib does better)."""
+        rows = sum(len(split_rows) for split_rows in self._rows.values())
+        return rows * math.prod(self._inputs.target_shape) * 4
 
     def _info(self) -> tfds.core.DatasetInfo:
         height, width, _ = self._inputs.target_shape
@@ -274,8 +289,12 @@ def build_slices(
     expected_spacing: float | None = 1.0,
     data_dir: str | os.PathLike | None = None,
 ) -> Patch2LocSlices:
-    """Construct the builder and prepare it offline; a second call reuses the existing build."""
-    builder = Patch2LocSlices(
+    """Construct the builder and prepare it offline.
+
+    A second call reuses the existing build while its input volumes are unchanged (see
+    `p2l.build_inputs`); a changed input deletes the build and makes it again, with a warning.
+    """
+    kwargs = dict(
         data_root=data_root,
         splits_dir=splits_dir,
         modality=modality,
@@ -285,6 +304,28 @@ def build_slices(
         expected_spacing=expected_spacing,
         data_dir=data_dir,
     )
+    builder = Patch2LocSlices(**kwargs)
+    build_dir = Path(builder.data_path)
+    if build_dir.exists():
+        found = build_inputs.check(build_dir, builder.input_files())
+        if found.stale is None:
+            if found.missing:
+                logger.warning(build_inputs.missing_warning(build_dir, found.missing))
+            return builder
+        logger.warning("p2l: rebuilding the slices in %s: %s", build_dir, found.stale)
+        # Every input must exist before the stale build goes (the error then names them all).
+        _check_inputs_exist(builder)
+        try:
+            shutil.rmtree(build_dir)
+        except OSError as err:
+            raise DataError(build_dir, f"cannot remove the stale build: {err.strerror}") from None
+        builder = Patch2LocSlices(**kwargs)  # not the deleted build's DatasetInfo
+    _check_inputs_exist(builder)
+    disk_check.check_writable(builder.data_dir_root, builder.estimated_bytes(), "the slice build")
+    # Taken before the build reads the files: one modified meanwhile is seen as changed next time.
+    record = build_inputs.fingerprint(builder.input_files())
+    # tfds builds in a temporary folder and renames it when complete; the record is written
+    # after that, so an interrupted build has no record and is never used.
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(
             try_download_gcs=False,
@@ -292,7 +333,14 @@ def build_slices(
             compute_stats=tfds.download.ComputeStatsMode.SKIP,
         )
     )
+    build_inputs.write(build_dir, record)
     return builder
+
+
+def _check_inputs_exist(builder: Patch2LocSlices) -> None:
+    if not Path(builder._inputs.data_root).is_dir():
+        raise DataError(builder._inputs.data_root, "data root folder not found")
+    _read_rows(builder._inputs, check_files=True)
 
 
 @dataclass

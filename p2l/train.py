@@ -10,7 +10,6 @@ mean are over all valid patches of the step, as in the reference's single-GPU ru
 from __future__ import annotations
 
 import math
-import signal
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -18,21 +17,26 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import PartitionSpec
 
 from p2l import (
     checkpoint,
     config_check,
+    disk_check,
     input_pipeline,
+    interrupt,
     losses,
     parallel,
     patches,
+    run_identity,
     run_info,
     run_log,
+    workdir_lock,
 )
-from p2l.errors import P2LError
-from p2l.model import create_model
+from p2l.errors import DataError, P2LError
+from p2l.model import count_params, create_model, init_variables
 from p2l.train_state import TrainState, create_train_state, make_optimizer
 
 
@@ -159,6 +163,7 @@ def make_train_step(model, tx, config, geometry: StepGeometry, mesh):
             "grad_norm": grad_norm,
             "param_norm": optax.global_norm(state.params),
             "finite": finite.astype(jnp.float32),
+            **({"stop": jnp.max(batch["stop"])} if "stop" in batch else {}),
             **aux,
             **_patch_metrics(pb, geometry),
         }
@@ -191,28 +196,6 @@ def make_eval_step(model, config, geometry: StepGeometry, mesh):
     )
 
 
-class _StopRequest:
-    """SIGTERM (cluster pre-emption) -> checkpoint at the next step boundary, then exit."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread (e.g. inside a test runner thread)
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
 def _check_finite(step: int, metrics: dict, last_saved: int | None) -> None:
     if metrics["finite"] < 1.0:
         raise TrainingDiverged(
@@ -223,15 +206,67 @@ def _check_finite(step: int, metrics: dict, last_saved: int | None) -> None:
         )
 
 
-def train_and_evaluate(config, workdir: str | Path) -> TrainState:
-    """Trains (or resumes) the model of `config` in `workdir`; returns the final state."""
+def _restore(ckpt, state, step: int):
+    try:
+        return ckpt.restore(state)
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataError(
+            ckpt.directory / str(step),
+            "checkpoint does not fit this config's model (another patch size or architecture?): "
+            f"{str(err).splitlines()[0][:300]}",
+        ) from None
+
+
+def _checkpoint_bytes(config) -> int:
+    """Kept checkpoints: about 3 float32 copies of the parameters each (params, Adam's moments)."""
+    patch = patches.patch_size_for(config.data.image_shape[0], config.sampling.patch_fraction)
+    shapes = jax.eval_shape(lambda: init_variables(create_model(config), jax.random.key(0), patch))
+    return 3 * 4 * count_params(shapes["params"]) * config.keep_checkpoints
+
+
+def train_and_evaluate(config, workdir: str | Path, accept_config_change=()) -> TrainState:
+    """Trains (or resumes) the model of `config` in `workdir`; returns the final state.
+
+    Holds the workdir lock (p2l.workdir_lock) while it runs. Resuming checks `config` against the
+    identity stored with the checkpoint (p2l.run_identity): IdentityMismatch unless
+    `accept_config_change` names every changed key. SIGTERM/SIGINT checkpoint at the next step
+    and raise p2l.interrupt.Interrupted, so that no caller evaluates a half-trained model.
+    """
     config_check.check_paths(config)
     workdir = Path(workdir)
-    is_main = jax.process_index() == 0
-    if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        run_info.write(workdir, config)
+    if jax.process_index() != 0:  # only process 0 writes in the workdir
+        return _train(config, workdir, tuple(accept_config_change))
+    # Before the lock, which writes into the workdir: read-only or full stops here, in one line.
+    disk_check.check_writable(workdir, _checkpoint_bytes(config), "training")
+    with workdir_lock.hold(workdir, "training"):
+        return _train(config, workdir, tuple(accept_config_change))
 
+
+def _train(config, workdir: Path, accept: tuple[str, ...]) -> TrainState:
+    is_main = jax.process_index() == 0
+    ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
+    try:
+        last_saved = ckpt.latest_step()
+        # Before anything is loaded or written: a run resumed under another config stops here.
+        history = run_identity.check_resume(config, workdir, last_saved, accept)
+        if is_main:
+            if history is not None:
+                run_identity.write_history(workdir, history)
+            # The entry the checkpoints of this start will be stored under.
+            entry = run_identity.entry_for_step(
+                run_identity.read_history(workdir), (last_saved or 0) + 1
+            )
+            keys = ("hash", "from_step", "accepted_change")
+            ident = {k: entry[k] for k in keys if k in entry}
+            run_info.write(workdir, config, identity=ident, resumed_from=last_saved)
+        return _train_loop(config, workdir, ckpt, last_saved)
+    finally:
+        # Also on errors: finish an in-flight async save, so the last good checkpoint is whole.
+        ckpt.close()
+
+
+def _train_loop(config, workdir: Path, ckpt, last_saved: int | None):
+    is_main = jax.process_index() == 0
     mesh = parallel.create_mesh()
     devices = mesh.devices.size
     builder = input_pipeline.build_dataset(config)
@@ -256,15 +291,12 @@ def train_and_evaluate(config, workdir: str | Path) -> TrainState:
     init_key, base_key = jax.random.split(jax.random.key(config.seed))
     state = create_train_state(config, model, tx, init_key)
     state = jax.device_put(state, parallel.replicated(mesh))
-    ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
-    last_saved = ckpt.latest_step()
     if last_saved is not None:
-        state = ckpt.restore(state)
+        state = _restore(ckpt, state, last_saved)
         print(f"p2l: resumed from {ckpt.directory}/{last_saved}", flush=True)
     start = int(state.step)
     if start >= config.num_steps:
         print(f"p2l: already trained to step {start} (num_steps={config.num_steps})", flush=True)
-        ckpt.close()
         return state
 
     train_step = make_train_step(model, tx, config, geometry, mesh)
@@ -274,16 +306,25 @@ def train_and_evaluate(config, workdir: str | Path) -> TrainState:
     window: list[dict] = []
     window_start = time.perf_counter()
     pending: tuple[int, dict] | None = None
+    # Multi-process runs stop together: each feeds its stop flag with its batch rows and the
+    # step reduces them, so every process sees the same "stop" metric at the same step.
+    seen_stop = False
 
     def drain(pending_step, pending_metrics):
+        nonlocal seen_stop
         host = {k: float(v) for k, v in jax.device_get(pending_metrics).items()}
+        seen_stop |= host.pop("stop", 0.0) > 0
         _check_finite(pending_step, host, last_saved)
         window.append(host)
 
     try:
-        with _StopRequest() as stop:
+        with interrupt.deferred() as stop:
+            single = jax.process_count() == 1
+            stopping = lambda: stop.requested is not None if single else seen_stop  # noqa: E731
             for step in range(start, config.num_steps):
-                batch = parallel.to_global(next(batches), mesh)
+                local = next(batches)
+                flag = np.full(len(local["image"]), stop.requested is not None, np.int32)
+                batch = parallel.to_global({**local, "stop": flag}, mesh)
                 state, metrics = train_step(state, batch, jax.random.fold_in(base_key, step))
                 if pending is not None:
                     drain(*pending)  # the previous step's metrics, while this step runs
@@ -294,7 +335,7 @@ def train_and_evaluate(config, workdir: str | Path) -> TrainState:
                     or done % config.eval_every == 0
                     or done % config.checkpoint_every == 0
                     or done == config.num_steps
-                    or stop.requested
+                    or stopping()
                 )
                 if not boundary:
                     continue
@@ -321,19 +362,19 @@ def train_and_evaluate(config, workdir: str | Path) -> TrainState:
                         ),
                         flush=True,
                     )
-                if (
-                    done % config.checkpoint_every == 0
-                    or done == config.num_steps
-                    or stop.requested
-                ):
+                if done % config.checkpoint_every == 0 or done == config.num_steps or stopping():
                     ckpt.save(done, state)
                     last_saved = done
                 window, window_start = [], time.perf_counter()
-                if stop.requested:
-                    print(f"p2l: SIGTERM — checkpointed step {done}, stopping", flush=True)
+                if stopping():
                     break
+            # Also a signal during the last step: the caller must not evaluate. All processes agree.
+            names = [stop.requested] if single else parallel.gather_objects(stop.requested)
+            name = next((n for n in names if n), None)
+            if name is not None:
+                print(f"p2l: {name}: checkpointed step {last_saved} of {config.num_steps}; "
+                      "stopping without evaluation", flush=True)  # fmt: skip
+                raise interrupt.Interrupted(name, f"checkpointed step {last_saved}")
     finally:
-        # Also on errors: finish an in-flight async save, so the last good checkpoint is whole.
-        ckpt.close()
         log.close()
     return state

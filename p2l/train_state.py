@@ -16,14 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from p2l import checkpoint, parallel, patches
+from p2l import checkpoint, parallel, patches, run_identity
 from p2l.config_file import get_dotted
 from p2l.errors import ConfigError, DataError
 from p2l.model import create_model, init_variables
 from p2l.run_info import read_trained_config
 
-# What fixes a model's input: the network is fully convolutional, so a checkpoint of another
-# patch size would load without a shape error.
+# What fixes a model's input (the network is fully convolutional, so a checkpoint of another
+# patch size would load without a shape error): what is checked for runs without an identity.
 INPUT_KEYS = ("modality", "data.image_shape", "sampling.patch_fraction")
 
 
@@ -52,8 +52,12 @@ def create_train_state(config, model, tx, key) -> TrainState:
     )
 
 
-def check_trained_like(config, workdir: Path) -> None:
-    """ConfigError when the run in `workdir` was trained with other input keys than `config`."""
+def check_trained_like(config, workdir: Path, step: int | None = None) -> None:
+    """ConfigError when checkpoint `step` (default: the latest) of `workdir` was trained with
+    another identity than `config` (p2l.run_identity). Runs from before identity files are
+    checked on their input keys against run_info.json."""
+    if run_identity.check_checkpoint(config, workdir, step):
+        return
     trained = read_trained_config(workdir)
     if trained is None:
         return
@@ -70,8 +74,9 @@ def check_trained_like(config, workdir: Path) -> None:
 def restore_variables(config, workdir: str | Path) -> tuple[Any, dict, int]:
     """(model, eval-mode variables, step) of the latest checkpoint in `workdir`.
 
-    Fails with a clear message when there is no checkpoint, when it was trained for the other
-    modality (run_info.json), or when its shapes do not fit the config (e.g. another patch size).
+    Fails with a clear message when there is no checkpoint, when it was trained with another
+    identity (modality, patch size, fold, ...: the identity stored with that checkpoint), or when
+    its shapes do not fit the config.
     """
     workdir = Path(workdir)
     ckpt = checkpoint.Checkpointer(workdir)
@@ -79,7 +84,7 @@ def restore_variables(config, workdir: str | Path) -> tuple[Any, dict, int]:
         step = ckpt.latest_step()
         if step is None:
             raise DataError(workdir, "no checkpoint found: train first (make train CONFIG=...)")
-        check_trained_like(config, workdir)
+        check_trained_like(config, workdir, step)
         model = create_model(config)
         tx = make_optimizer(config)
         like = create_train_state(config, model, tx, jax.random.key(0))

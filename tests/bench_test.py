@@ -14,6 +14,7 @@ TINY = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow  # runs the benchmark end to end
 def test_bench_prints_one_json_line_with_every_figure(capsys):
     assert bench.main(TINY) == 0
     out = capsys.readouterr().out.strip().splitlines()
@@ -179,6 +180,7 @@ def test_a_fresh_process_starts_jax_with_the_flags():
         assert out[1] == "True" and out[2:] == list(xla_flags.CPU_FLAGS)
 
 
+@pytest.mark.slow  # times every stage of the network twice
 def test_layer_probe_times_every_stage_of_the_network():
     import jax
     import jax.numpy as jnp

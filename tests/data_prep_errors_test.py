@@ -11,8 +11,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from data_prep import prepare
+from data_prep import prepare, validate
 from data_prep.atlas import load_atlas
+from data_prep.manifest import file_record, write_manifest
 from data_prep.nifti import read_ants
 from p2l.errors import DataError
 from tests import data_prep_phantom as phantom
@@ -194,3 +195,63 @@ def test_failing_hd_bet_is_reported_with_its_message(mixed_raw, tmp_path, capsys
     assert prepare.main(argv + phantom.FAST_ARGS) == 1
     err = capsys.readouterr().err
     assert "hd-bet failed (exit 3): RuntimeError: CUDA device not available" in err
+
+
+def _prepared_ixi(root):
+    """A prepared IXI folder (one T1 scan, its mask and the mask/ link) with its manifest."""
+    folder = root / "Train/ixi"
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])  # 1 mm, LPS (RAI)
+    image = np.random.default_rng(3).random((40, 40, 40)).astype(np.float32)
+    mask = np.zeros((40, 40, 40), np.float32)
+    mask[8:32, 8:32, 8:32] = 1
+    subject = "IXI901-Synth-0001"
+    paths = {
+        "image": phantom.save(folder / f"t1/{subject}_t1.nii.gz", image, affine),
+        "mask": phantom.save(folder / f"mask_t1/{subject}_mask.nii.gz", mask, affine),
+    }
+    phantom.save(folder / f"mask/{subject}_mask.nii.gz", mask, affine)
+    outputs = {kind: file_record(path, folder) for kind, path in paths.items()}
+    write_manifest(
+        folder, {(subject, "t1"): {"subject": subject, "modality": "t1", "outputs": outputs}}
+    )
+    return folder, paths
+
+
+def test_quick_validation_catches_truncated_files(tmp_path, capsys, monkeypatch):
+    folder, paths = _prepared_ixi(tmp_path)
+    with monkeypatch.context() as mp:  # intact files: their gzip trailer suffices, no stream read
+        mp.setattr(validate, "_gzip_length", None)
+        assert validate.main([str(tmp_path), "--quick"]) == 0
+    whole = paths["image"].read_bytes()
+    paths["image"].write_bytes(whole[: len(whole) // 2])  # the header still reads
+    assert validate.main([str(tmp_path), "--quick"]) == 1
+    out = capsys.readouterr().out
+    assert f"ERROR IXI901-Synth-0001 t1: {paths['image']}: truncated or corrupt gzip stream" in out
+    assert "Traceback" not in out
+
+    paths["image"].write_bytes(whole[:100])  # not even a header
+    shared = folder / "mask/IXI901-Synth-0001_mask.nii.gz"
+    shared.write_bytes(shared.read_bytes()[:-8])  # the gzip trailer cut off
+    assert validate.main([str(tmp_path), "--quick"]) == 1
+    out = capsys.readouterr().out
+    assert f"{paths['image']}: cannot read the NIfTI header" in out
+    assert f"ERROR IXI901-Synth-0001: {shared}: truncated" in out
+
+    # Uncompressed .nii: the file must hold the header's voxels.
+    plain = tmp_path / "plain.nii"
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.float32), np.eye(4)), plain)
+    assert validate._truncation(plain, plain.stat().st_size) is None
+    plain.write_bytes(plain.read_bytes()[:-4])
+    assert validate._truncation(plain, 352 + 8**3 * 4) == "truncated: 2396 of 2400 bytes"
+
+
+def test_quick_validation_reads_multi_member_gzip_files_whole(tmp_path):
+    # A valid file whose gzip trailer does not give the total length: read once, accepted.
+    path = tmp_path / "two_members.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.float32), np.eye(4)), tmp_path / "x.nii")
+    raw = (tmp_path / "x.nii").read_bytes()
+    path.write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]))
+    assert validate._truncation(path, len(raw)) is None
+    assert (
+        validate._truncation(path, len(raw) + 1) == f"truncated: {len(raw)} of {len(raw) + 1} bytes"
+    )

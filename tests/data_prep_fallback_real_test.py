@@ -17,6 +17,9 @@ from data_prep.skull_strip import skull_strip
 from data_prep.steps import RegistrationParams, reorient_resample
 from tests.data_prep_real import SHARED
 
+# Real scans through registration and skull stripping: tens of seconds per module (make test-slow).
+pytestmark = pytest.mark.slow
+
 SCAN = SHARED / "data/ixi_defacing_pipeline/data/example_input_hdbet_processed/IXI002-Guys-0828-T1"
 
 

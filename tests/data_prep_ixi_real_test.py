@@ -11,6 +11,9 @@ from data_prep import validate
 from p2l.normalization import load_subject
 from tests.data_prep_real import IXI_ID, dice_with_atlas_brain, prepare_ixi002
 
+# Real scans through registration and skull stripping: tens of seconds per module (make test-slow).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):

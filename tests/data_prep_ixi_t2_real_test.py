@@ -3,7 +3,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.data_prep_real import dice_with_atlas_brain, prepare_ixi002
+
+# Real scans through registration and skull stripping: tens of seconds per module (make test-slow).
+pytestmark = pytest.mark.slow
 
 
 def test_t2_brain_mask_overlaps_the_atlas_brain_after_registration(tmp_path):

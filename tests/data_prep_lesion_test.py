@@ -17,6 +17,9 @@ from p2l.slices_builder import build_slices, read_volumes
 from p2l.splits import read_test_split
 from tests import data_prep_phantom as phantom
 
+# Prepares a phantom dataset through the whole pipeline in a module fixture (make test-slow).
+pytestmark = pytest.mark.slow
+
 CASE = "BraTS2021_90001"
 IXI_ID = "IXI901-Synth-0001"
 

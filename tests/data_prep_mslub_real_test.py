@@ -17,6 +17,9 @@ from data_prep import prepare, validate
 from data_prep.manifest import read_manifest
 from tests.data_prep_real import FAST, SHARED
 
+# Real scans through registration and skull stripping: tens of seconds per module (make test-slow).
+pytestmark = pytest.mark.slow
+
 MSLUB = SHARED / "data/mslub_open_ms_data/cross_sectional/MNI/patient07"
 
 

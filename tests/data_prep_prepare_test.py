@@ -19,6 +19,9 @@ from data_prep.manifest import read_manifest, write_manifest
 from data_prep.nifti import sha256_file
 from tests import data_prep_phantom as phantom
 
+# Prepares a phantom dataset through the whole pipeline in a module fixture (make test-slow).
+pytestmark = pytest.mark.slow
+
 IXI = {"IXI901-Synth-0001": ("T1", "T2"), "IXI902-Synth-0002": ("T1",)}
 
 

@@ -16,6 +16,9 @@ from data_prep import prepare
 from data_prep.manifest import read_manifest
 from tests.data_prep_real import FAST, SHARED
 
+# Real scans through registration and skull stripping: tens of seconds per module (make test-slow).
+pytestmark = pytest.mark.slow
+
 WMH = SHARED / "data/wmh_ibbmtum_examples"
 
 

@@ -13,6 +13,9 @@ from p2l.errors import ConfigError, DataError
 from p2l.tools import tables
 from tests.conftest import demo_config
 
+# Trains and evaluates a demo model once for the module (about a minute and a half).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def trained(small_demo, tmp_path_factory):

@@ -253,6 +253,7 @@ print(json.dumps({"devices": jax.local_device_count(), "n": res.patches_evaluate
 """
 
 
+@pytest.mark.slow  # a subprocess with 4 fake devices compiles the forward again
 def test_four_devices_give_the_single_device_heatmap(model_and_variables):
     """The batch is sharded over 4 (fake CPU) devices; same heatmap as on one device."""
     model, variables = model_and_variables

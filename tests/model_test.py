@@ -68,6 +68,7 @@ def test_fast_conv_formulation_equals_xla(variables):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # train-mode forward of the full model at two batch sizes
 def test_masked_batchnorm_ignores_padding_slots(variables):
     """Weight-0 slots must not change batch statistics (static-shape batches, p2l.patches)."""
     m = model_lib.Patch2Loc()
@@ -94,6 +95,7 @@ def test_slice_position_encoding_interleaves_sin_cos():
     np.testing.assert_allclose(pe[1, 1::2], np.cos(7.0 * freqs), atol=1e-5)
 
 
+@pytest.mark.slow  # gradients of the full model twice
 def test_detach_variance_stops_gradient_into_encoder(variables):
     x = jax.random.normal(jax.random.key(4), (4, 24, 24, 1))
     pos = jnp.arange(4.0)

@@ -9,6 +9,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from tests.conftest import demo_config
 from tests.train_test import REPO, restore_params
@@ -20,6 +21,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two training processes and a reference run: minutes
 def test_two_process_training_and_evaluation_equal_one_process(small_demo, tmp_path):
     config = demo_config(small_demo)
     common = [

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import socket
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,7 +16,7 @@ import pytest
 from scipy import ndimage
 from tensorflow_datasets.core.utils import gcs_utils
 
-from p2l import slices_builder
+from p2l import build_inputs, disk_check, slices_builder
 from p2l.errors import ConfigError, DataError
 from p2l.normalization import load_subject
 from p2l.slices_builder import Patch2LocSlices, build_slices, read_volumes
@@ -284,3 +286,140 @@ def test_real_ixi002_t2(tmp_path):
     far_outside = ~ndimage.binary_dilation(inside, iterations=3)
     assert np.all(volume.image[far_outside] == 0)
     assert np.median(volume.image[inside]) > 0.1
+
+
+def _copied_layout(tiny, tmp_path, age_s=3600.0):
+    """A private copy of the tiny layout whose files were last modified `age_s` ago."""
+    root = tmp_path / "data"
+    shutil.copytree(tiny.root, root)
+    past = time.time() - age_s
+    for path in root.rglob("*.nii.gz"):
+        os.utime(path, (past, past))
+    return root, {**tiny.kwargs, "data_root": root, "data_dir": tmp_path / "tfds"}
+
+
+def test_volume_changed_after_a_build_is_noticed_and_rebuilt(tiny, tmp_path, caplog):
+    root, kwargs = _copied_layout(tiny, tmp_path)
+    first = build_slices(**kwargs)
+    changed = root / f"Train/ixi/t2/{TRAIN[1]}_t2.nii.gz"
+    image, _ = _phantom((30, 34, 14), 99)  # e.g. data re-prepared into the same folder
+    _save(changed, image.astype(np.int16))
+    with caplog.at_level(logging.WARNING, logger="p2l.slices_builder"):
+        second = build_slices(**kwargs)
+    (message,) = [r.getMessage() for r in caplog.records if r.name == "p2l.slices_builder"]
+    assert "1 input file(s) changed" in message and str(changed) in message
+    assert second.data_path == first.data_path
+    rows = read_ixi_split(tiny.splits, "train", 0, "t2", root)
+    rebuilt = list(read_volumes(second, "train"))[1]
+    row = rows[1]
+    expected = load_subject(
+        row.image_path,
+        row.mask_path,
+        None,
+        modality="t2",
+        subject_id=row.subject_id,
+        target_shape=TARGET,
+    )
+    np.testing.assert_array_equal(rebuilt.image, expected.image)
+
+    _save(changed, np.full((30, 34, 14), np.nan, np.float32))
+    for _ in range(2):  # the stale build is gone: a second start must fail the same way
+        with pytest.raises(DataError, match="non-finite") as info:
+            build_slices(**kwargs)
+        assert info.value.path == str(changed)
+    assert not Path(second.data_path).exists()
+
+
+def test_unchanged_second_open_stats_only_and_a_touch_is_hashed_once(tiny, tmp_path, monkeypatch):
+    root, kwargs = _copied_layout(tiny, tmp_path)
+    build_slices(**kwargs)
+    hashed = []
+    real_hash = build_inputs.sha256_file
+
+    def counting_hash(path):
+        hashed.append(path)
+        return real_hash(path)
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the existing build should have been reused")
+
+    monkeypatch.setattr(build_inputs, "sha256_file", counting_hash)
+    monkeypatch.setattr(slices_builder, "load_subject", must_not_load)
+    again = build_slices(**kwargs)
+    assert again.info.splits["train"].num_examples == 3 * TARGET[2]
+    assert hashed == []  # fast path: one stat per input, nothing read
+
+    touched = root / f"Test/Synth/seg/{TEST[0]}_seg.nii.gz"
+    past = time.time() - 60
+    os.utime(touched, (past, past))  # same content, new mtime: hashed once, then remembered
+    build_slices(**kwargs)
+    assert hashed == [str(touched)]
+    build_slices(**kwargs)
+    assert hashed == [str(touched)]
+
+
+def test_interrupted_or_unrecorded_build_is_never_used(tiny, tmp_path, monkeypatch, caplog):
+    root, kwargs = _copied_layout(tiny, tmp_path)
+    builder = build_slices(**kwargs)
+    (Path(builder.data_path) / build_inputs.RECORD_NAME).unlink()  # killed before the record
+    with caplog.at_level(logging.WARNING, logger="p2l.slices_builder"):
+        build_slices(**kwargs)
+    assert "no record of its input files" in caplog.text
+
+    mask = _phantom((34, 30, 11), 0)[1]
+    mask[:, :, 5] *= 0.5
+    _save(root / f"Train/ixi/mask/{TRAIN[0]}_mask.nii.gz", mask)
+    calls = []
+    real_load = slices_builder.load_subject
+
+    def killed_mid_build(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_load(*args, **kw)
+
+    monkeypatch.setattr(slices_builder, "load_subject", killed_mid_build)
+    with pytest.raises(KeyboardInterrupt):
+        build_slices(**kwargs)
+    monkeypatch.setattr(slices_builder, "load_subject", real_load)
+    assert not Path(builder.data_path).exists()
+    rebuilt = build_slices(**kwargs)
+    assert rebuilt.info.splits["synth"].num_examples == 2 * TARGET[2]
+
+
+def test_absent_inputs_keep_the_build_readable_with_a_warning(tiny, tmp_path, caplog):
+    root, kwargs = _copied_layout(tiny, tmp_path)
+    build_slices(**kwargs)
+    shutil.rmtree(root / "Test")
+    with caplog.at_level(logging.WARNING, logger="p2l.slices_builder"):
+        again = build_slices(**kwargs)
+    assert again.info.splits["synth"].num_examples == 2 * TARGET[2]
+    assert "6 input file(s) of this build are absent" in caplog.text
+
+
+def test_build_checks_free_space_first(tiny, tmp_path, monkeypatch):
+    _, kwargs = _copied_layout(tiny, tmp_path)
+    usage = shutil.disk_usage(tmp_path)._replace(free=1_000)
+    monkeypatch.setattr(disk_check.shutil, "disk_usage", lambda path: usage)
+    needed = (3 + 2 + 1 + 2) * int(np.prod(TARGET)) * 4
+    with pytest.raises(
+        DataError, match=f"1.0 kB free, the slice build needs about {needed / 1e3:.1f} kB"
+    ):
+        build_slices(**kwargs)
+    assert not list((tmp_path / "tfds").rglob("*.array_record*"))
+
+
+def test_same_size_rewrite_within_the_clock_resolution_is_caught(tmp_path):
+    path = tmp_path / "volume.nii.gz"
+    path.write_bytes(b"a" * 100)
+    build_inputs.write(tmp_path, build_inputs.fingerprint([str(path)]))
+    before = path.stat()
+    path.write_bytes(b"b" * 100)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # as a 1 s or 2 s clock would
+    found = build_inputs.check(tmp_path, [str(path)])
+    assert found.changed == [str(path)] and "1 input file(s) changed" in found.stale
+    assert build_inputs.check(tmp_path, [str(path), str(tmp_path / "other")]).stale == (
+        "it was made from another list of input files"
+    )
+    (tmp_path / build_inputs.RECORD_NAME).write_text("{")
+    assert "unreadable" in build_inputs.check(tmp_path, [str(path)]).stale

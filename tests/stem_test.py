@@ -147,6 +147,7 @@ def _worst_relative(ga, gb):
     return worst
 
 
+@pytest.mark.slow  # whole model in float64, both forms: minutes
 def test_fast_model_is_the_same_function_as_plain_xla_in_float64():
     """conv_impl="auto" (fused stem, matmul on maps <= 2x2 out, pointwise 1x1) vs "xla": in
     float64 the train-mode loss, every gradient and the batch-stats update agree to ~1e-13, so
@@ -159,6 +160,7 @@ def test_fast_model_is_the_same_function_as_plain_xla_in_float64():
         assert _worst_relative(ga, gb) < 1e-9
 
 
+@pytest.mark.slow  # whole model train step, both forms
 def test_fast_model_matches_plain_xla_in_float32():
     """float32: BatchNorm's backward at initialisation amplifies reduction-order rounding (and a
     near-tie in a max-pool window may route differently); measured worst leaf error ~5e-3."""

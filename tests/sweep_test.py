@@ -62,3 +62,36 @@ def test_cli_lists_and_writes_the_script(tmp_path, capsys):
     assert "fold=1,seed=1" in capsys.readouterr().out
     code = sweep.main(["--config=experiments/demo.py", "--runs", str(tmp_path), "--launch=slurm"])
     assert code == 0 and (tmp_path / "demo" / "sweep.sbatch").exists()
+
+
+def test_a_run_counts_as_finished_at_the_num_steps_the_sweep_would_train_to(tmp_path, capsys):
+    import json
+
+    runs = sweep.expand("experiments/demo.py", tmp_path)
+    workdir = runs[0].workdir  # the demo sweep trains 40 steps
+    (workdir / "checkpoints" / "40").mkdir(parents=True)
+    (workdir / "results").mkdir()
+    (workdir / "results" / "summary.json").write_text(json.dumps({"checkpoint_step": 40}))
+    assert runs[0].num_steps == 40 and runs[0].finished
+    args = ["--config=experiments/demo.py", "--runs", str(tmp_path), "--list"]
+    assert sweep.main(args) == 0
+    assert "(finished)" in capsys.readouterr().out.splitlines()[0]
+    assert sweep.main([*args, "--", "--config.num_steps=80"]) == 0  # extended: resumes
+    assert "unfinished: evaluated at step 40" in capsys.readouterr().out.splitlines()[0]
+
+
+@pytest.mark.parametrize("launch", ["local", "slurm"])
+def test_flags_after_the_separator_are_checked_before_anything_runs(tmp_path, capsys, launch):
+    base = ["--config=experiments/demo.py", "--runs", str(tmp_path), f"--launch={launch}", "--"]
+    for bad, said in [
+        (["--config.sampling.rejection_rat=0.3"], "unknown config key"),
+        (["--config.num_steps=many"], "num_steps"),
+        (["--workdir=elsewhere"], "sets --config, --workdir and --mode itself"),
+        (["stray"], "not flags of p2l.main"),
+    ]:
+        assert sweep.main(base + bad) == 1
+        err = capsys.readouterr().err
+        assert said in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "demo").exists()  # no script, no run folder
+    assert sweep.check_extra_flags("experiments/demo.py", ["--config.num_steps=80"]) == 80
+    assert sweep.check_extra_flags("experiments/demo.py", ["--config.eval.stride=2"]) is None

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from p2l import checkpoint, input_pipeline, parallel, train
+from p2l import checkpoint, input_pipeline, parallel, run_status, train
 from p2l.model import create_model
 from tests.conftest import demo_config
 
@@ -26,6 +26,7 @@ def run_module(args, env_extra=None, **kw):
     )
 
 
+@pytest.mark.slow  # a subprocess with 8 fake devices and a 1-device reference
 def test_eight_device_step_equals_one_device_step():
     out = run_module(
         ["tests/multidevice_step_check.py"],
@@ -71,6 +72,7 @@ def synthetic_losses(seed, steps=3):
     return out
 
 
+@pytest.mark.slow  # trains twice
 def test_same_seed_same_first_losses():
     a, b, c = synthetic_losses(1), synthetic_losses(1), synthetic_losses(2)
     assert a == b
@@ -104,7 +106,8 @@ def restore_params(workdir: Path, config):
     return state
 
 
-def test_kill_and_resume_continues_with_identical_state(small_demo, tmp_path):
+@pytest.mark.slow  # trains three times, once killed in a subprocess
+def test_kill_and_resume_continues_with_identical_state(small_demo, tmp_path, capsys):
     overrides = {"num_steps": 8, "checkpoint_every": 2, "log_every": 2, "eval_every": 4}
     config = demo_config(small_demo, **overrides)
     # Uninterrupted reference run (also: the demo config trains end to end).
@@ -137,10 +140,16 @@ def test_kill_and_resume_continues_with_identical_state(small_demo, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (killed / "checkpoints" / "4").is_dir()
+    state = run_status.run_state(killed, 8)
+    assert state.label.startswith("stopped without a word (killed?) at checkpoint ")
 
-    # Resume to step 8 with the same config: picks up the latest complete checkpoint.
+    # Resume to step 8 with the same config: picks up the latest complete checkpoint, and the
+    # workdir lock the killed process left.
+    capsys.readouterr()
     resumed = train.train_and_evaluate(config, killed)
     assert int(resumed.step) == 8
+    out = capsys.readouterr().out
+    assert f"was left by pid {proc.pid} on " in out and "taking it over" in out
     a = restore_params(straight, config)
     b = restore_params(killed, config)
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
@@ -150,6 +159,7 @@ def test_kill_and_resume_continues_with_identical_state(small_demo, tmp_path):
     assert int(again.step) == 8
 
 
+@pytest.mark.slow  # trains
 def test_non_finite_loss_stops_without_checkpointing_nan(small_demo, tmp_path):
     config = demo_config(small_demo, num_steps=6, checkpoint_every=1, log_every=1, eval_every=100)
     config.optim.learning_rate = 1e30

@@ -4,9 +4,10 @@
 
 Every run folder (one holding run_info.json) below --runs is one training run (a fold, a seed, a
 setting). Runs are grouped by config name; for each dataset the table gives the mean ± std over
-runs of each run's mean over volumes (Dice per threshold policy, AUPRC, AUROC, in %). Runs
-without a results/summary.json, or whose summary lacks the dataset, are listed as missing and
-never silently averaged over.
+runs of each run's mean over volumes (Dice per threshold policy, AUPRC, AUROC, in %). Only
+finished runs count (last step checkpointed and evaluated: p2l.run_status); the others
+(unfinished, interrupted, failed, unreadable files) and summaries lacking a dataset are listed
+apart under "Not counted", never averaged over.
 """
 
 from __future__ import annotations
@@ -14,15 +15,15 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-from p2l import results_summary
+from p2l import results_summary, run_status
 from p2l.atomic_write import write_text_atomic
+from p2l.errors import DataError
 from p2l.thresholds import HEALTHY_QUANTILE
 
 
@@ -38,37 +39,62 @@ def collect(root: Path) -> tuple[dict, list[str]]:
     quantiles: set[float] = set()
     problems = []
     for run in find_runs(root):
-        info = json.loads((run / "run_info.json").read_text())
-        name = info.get("config", {}).get("name", "?")
+        try:
+            config = run_status.read_json(run / "run_info.json").get("config", {})
+            state = run_status.run_state(run, int(config.get("num_steps", 0)))
+        except DataError as err:
+            problems.append(str(err))
+            continue
+        except (TypeError, ValueError, AttributeError) as err:
+            problems.append(f"{run / 'run_info.json'}: unexpected content ({err!r})")
+            continue
+        name = config.get("name", "?")
         # Sweep folders are named k=v,...: runs differing only in fold/seed are pooled.
         settings = [p for p in run.name.split(",") if "=" in p]
         settings = [p for p in settings if not p.startswith(("fold=", "seed="))]
         if settings:
             name = f"{name} [{','.join(settings)}]"
-        expected = info.get("config", {}).get("test_sets", [])
-        summary_path = run / "results" / "summary.json"
-        if not summary_path.exists():
-            problems.append(f"{run}: no results/summary.json (not evaluated, or failed)")
+        if not state.finished:
+            problems.append(f"{run}: {state.label}")
             continue
-        summary = json.loads(summary_path.read_text())
-        quantile = summary.get("eval", {}).get("healthy_quantile", HEALTHY_QUANTILE)
+        try:
+            rows = _summary_rows(state.summary, config.get("test_sets", []))
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            problems.append(f"{run / run_status.SUMMARY}: unexpected content ({err!r})")
+            continue
+        quantile, headline, per_set = rows
         quantiles.add(quantile)
-        headline = results_summary.headline(quantile)
         columns.update(headline)
-        for dataset in expected:
-            res = summary.get("sets", {}).get(dataset)
-            if res is None:
+        for dataset, means in per_set.items():
+            if means is None:
                 problems.append(f"{run}: summary has no {dataset} results")
                 continue
             runs[name][dataset].append(str(run))
-            for key, _ in headline:
-                mean = (res["metrics"].get(key) or {}).get("mean")
-                table[name][dataset][key].append(np.nan if mean is None else float(mean))
+            for key, value in means.items():
+                table[name][dataset][key].append(value)
     collected = {"table": table, "runs": runs, "columns": columns, "quantiles": sorted(quantiles)}
     return collected, problems
 
 
-def render(collected: dict) -> tuple[str, str]:
+def _summary_rows(summary: dict, expected) -> tuple[float, dict, dict]:
+    """(healthy quantile, headline columns, {dataset: {metric: mean} or None}) of a summary."""
+    quantile = summary.get("eval", {}).get("healthy_quantile", HEALTHY_QUANTILE)
+    headline = results_summary.headline(quantile)
+    per_set = {}
+    for dataset in expected:
+        res = summary.get("sets", {}).get(dataset)
+        if res is None:
+            per_set[dataset] = None
+            continue
+        means = {}
+        for key, _ in headline:
+            mean = (res["metrics"].get(key) or {}).get("mean")
+            means[key] = np.nan if mean is None else float(mean)
+        per_set[dataset] = means
+    return quantile, dict(headline), per_set
+
+
+def render(collected: dict, problems: list[str] = ()) -> tuple[str, str]:
     """(Markdown, CSV) of the collected table."""
     columns = tuple(collected["columns"].items()) or results_summary.headline()
     md = [
@@ -102,6 +128,15 @@ def render(collected: dict) -> tuple[str, str]:
         "Mean ± std over runs (folds/seeds) of each run's mean over volumes, in %. "
         + " ".join(results_summary.legend(q) for q in collected["quantiles"] or [HEALTHY_QUANTILE])
     )
+    if problems:
+        md += [
+            "",
+            "## Not counted",
+            "",
+            "Runs (or datasets of runs) left out of the means above:",
+            "",
+        ]
+        md += [f"- {p}" for p in problems]
     return "\n".join(md), buf.getvalue()
 
 
@@ -115,14 +150,12 @@ def main(argv=None) -> int:
         print(f"error: {root}: no such folder", file=sys.stderr)
         return 1
     collected, problems = collect(root)
-    markdown, table_csv = render(collected)
+    markdown, table_csv = render(collected, problems)
     out = Path(args.out or root)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "tables.md", markdown + "\n")
     write_text_atomic(out / "tables.csv", table_csv)
     print(markdown)
-    for p in problems:
-        print(f"MISSING: {p}")
     print(f"wrote {out / 'tables.md'} and {out / 'tables.csv'}")
     return 0
 
