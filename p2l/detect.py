@@ -1,12 +1,16 @@
 """Lesion heatmap for one scan: python -m p2l.detect --workdir W --input scan.nii.gz --modality t2
 [--brain-mask m.nii.gz] --output PREFIX.
 
-Runs the training-time normalisation (spec §2.2), the sliding-window heatmap and post-processing,
-and writes PREFIX_score / _error / _logvar / _mask .nii.gz in the input scan's own grid and affine
-(the 192x192x100 crop is mapped back; voxels outside it are 0), plus PREFIX_overlay.png.
+Brings the scan to the orientation the model was trained in (W/training_space.json, see
+p2l.orientation: an exact axis permutation/flip, no resampling), runs the training-time
+normalisation (spec §2.2), the sliding-window heatmap and post-processing, and writes PREFIX_score
+/ _error / _logvar / _mask .nii.gz in the input scan's own grid and affine (the 192x192x100 crop
+and the reorientation are mapped back; voxels outside the crop are 0), plus PREFIX_overlay.png (in
+the training orientation). The same scan stored in any axis order or flip gives the same maps.
 
 The scan must be preprocessed like the training data (skull-stripped, registered, 1 mm: see
-data_prep); the spacing is checked. The mask threshold is the one `make eval` stored in
+data_prep); spacing and obliqueness are checked, the brain's extent is compared with the training
+brain's (`orientation.REGISTRATION_RULES`). The mask threshold is the one `make eval` stored in
 W/results/summary.json (validation-tuned if available, else the healthy quantile's) or
 --threshold.
 """
@@ -63,7 +67,7 @@ def derive_brain_mask(image, path: Path):
 
 
 def detect(args) -> dict[str, Path]:
-    from p2l import figures, normalization, thresholds, train_state
+    from p2l import figures, normalization, orientation, thresholds, train_state
     from p2l.run_info import load_run_config
     from p2l.scoring import Scorer
     from p2l.volume_io import read_volume, write_volume_atomic
@@ -81,6 +85,9 @@ def detect(args) -> dict[str, Path]:
         mask = read_volume(args.brain_mask, kind="mask")
     else:
         mask = derive_brain_mask(image, Path(args.input))
+    space = orientation.run_space(workdir, config)
+    # Without any record of the training orientation the scan's own is the only choice.
+    target = image.axcodes if space is None else tuple(space["axcodes"])
     subject = normalization.prepare_subject(
         image,
         mask,
@@ -89,6 +96,16 @@ def detect(args) -> dict[str, Path]:
         subject_id=Path(args.input).name,
         target_shape=tuple(config.data.image_shape),
         expected_spacing=config.data.expected_spacing,
+        orientation=target,
+        spacing=None if space is None else space["spacing"],
+    )
+    reorientation = subject.reorientation
+    if not reorientation.is_identity:
+        print(f"p2l.detect: {args.input} is stored as {''.join(image.axcodes)}, the model was "
+              f"trained on {''.join(target)} volumes: axes permuted/flipped to match (no "
+              "resampling); outputs are mapped back to the scan's own grid")  # fmt: skip
+    orientation.check_registered(
+        reorientation, reorientation.apply(mask.data), space, source=args.input
     )
     if args.threshold is not None:
         threshold, source = args.threshold, "--threshold"
@@ -117,7 +134,7 @@ def detect(args) -> dict[str, Path]:
     written = {}
     for name, array in outputs.items():
         path = prefix.with_name(f"{prefix.name}_{name}.nii.gz")
-        back = subject.crop_pad.invert(array, fill=0)  # the input scan's own grid
+        back = subject.to_source(array, fill=0)  # the input scan's own grid and orientation
         dtype = np.uint8 if name == "mask" else np.float32
         write_volume_atomic(path, back, subject.source_affine, dtype=dtype)
         written[name] = path

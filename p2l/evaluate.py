@@ -27,6 +27,7 @@ from p2l import (
     figures,
     metrics,
     normalization,
+    orientation,
     parallel,
     results_summary,
     splits,
@@ -70,8 +71,13 @@ def healthy_threshold(config, scorer: Scorer, builder) -> tuple[float, int]:
     return thresholds.healthy_quantile_threshold(values, q=ev.healthy_quantile), len(values)
 
 
-def validation_threshold(config, scorer: Scorer, dataset: str) -> tuple[float | None, int]:
-    """Threshold tuned on the dataset's lesion validation split, or None without one."""
+def validation_threshold(
+    config, scorer: Scorer, dataset: str, axcodes=None
+) -> tuple[float | None, int]:
+    """Threshold tuned on the dataset's lesion validation split, or None without one.
+
+    `axcodes`: the run's training orientation (p2l.orientation); each volume is brought to it,
+    as the slice build does for the test volumes."""
     path = splits.dataset_csv_path(config.splits_dir, dataset, part="val")
     if not Path(path).exists():
         return None, 0
@@ -88,6 +94,7 @@ def validation_threshold(config, scorer: Scorer, dataset: str) -> tuple[float | 
             subject_id=row.subject_id,
             target_shape=tuple(config.data.image_shape),
             expected_spacing=config.data.expected_spacing,
+            orientation=axcodes,
         )
         for row in rows
     )
@@ -229,8 +236,10 @@ def evaluate(config, workdir: str | Path) -> dict:
         "thresholds": {healthy_name: {"value": healthy, "volumes": n_healthy}},
         "sets": {},
     }
+    space = orientation.run_space(workdir, config)
+    axcodes = None if space is None else space["axcodes"]
     for dataset in config.test_sets:
-        val_thr, n_val = validation_threshold(config, scorer, dataset)
+        val_thr, n_val = validation_threshold(config, scorer, dataset, axcodes)
         summary["thresholds"][f"{thresholds.VALIDATION}[{dataset}]"] = {
             "value": val_thr,
             "volumes": n_val,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from p2l.errors import ConfigError, DataError
+from p2l.orientation import Reorientation
 from p2l.volume_io import Volume, check_same_grid, read_volume
 
 Shape3 = tuple[int, int, int]
@@ -220,10 +222,16 @@ class Subject:
     seg: np.ndarray | None  # (H, W, D) uint8 = seg > 0, or None
     subject_id: str
     affine: np.ndarray  # 4x4 affine of the target grid
-    crop_pad: CropPad
-    source_affine: np.ndarray
+    crop_pad: CropPad  # between the reoriented scan and the target grid
+    source_affine: np.ndarray  # the scan's own (stored) grid
     source_shape: Shape3
     image_path: str
+    reorientation: Reorientation | None = None  # stored grid -> training orientation
+
+    def to_source(self, array: np.ndarray, fill: float = 0) -> np.ndarray:
+        """Target-grid map -> the scan's own stored grid (undo crop/pad, then reorientation)."""
+        back = self.crop_pad.invert(array, fill=fill)
+        return back if self.reorientation is None else self.reorientation.invert(back)
 
 
 _SPACING_TOLERANCE = 1e-3
@@ -238,11 +246,15 @@ def load_subject(
     subject_id: str,
     target_shape: tuple[int, int, int] = (192, 192, 100),
     expected_spacing: float | None = 1.0,
+    orientation: Sequence[str] | None = None,
+    spacing: Sequence[float] | None = None,
 ) -> Subject:
     """Read one scan (+ mask, seg) and normalise it exactly as the reference loader, spec §2.2.
 
     Order: CurvatureFlow (image only) -> Nyúl on the un-cropped volume -> centred crop/pad of
-    image, mask and seg -> rescale to [0, 1] from the p1/p99 inside mask > 0.
+    image, mask and seg -> rescale to [0, 1] from the p1/p99 inside mask > 0. With `orientation`
+    (axis codes, e.g. the run's training space) the scan is first brought to it; see
+    `prepare_subject`.
     """
     key = modality.lower()
     if key not in NYUL_LANDMARKS:
@@ -262,6 +274,8 @@ def load_subject(
         subject_id=subject_id,
         target_shape=target,
         expected_spacing=expected_spacing,
+        orientation=orientation,
+        spacing=spacing,
     )
 
 
@@ -274,8 +288,17 @@ def prepare_subject(
     subject_id: str,
     target_shape: tuple[int, int, int] = (192, 192, 100),
     expected_spacing: float | None = 1.0,
+    orientation: Sequence[str] | None = None,
+    spacing: Sequence[float] | None = None,
 ) -> Subject:
-    """The normalisation chain of `load_subject` on volumes already in memory (spec §2.2)."""
+    """The normalisation chain of `load_subject` on volumes already in memory (spec §2.2).
+
+    `orientation`: axis codes (e.g. ("L", "P", "S")) to bring the scan to before anything else,
+    by an exact axis permutation/flip (`orientation.Reorientation`): the crop/pad of spec §2.2
+    works in voxel space and the network sees the array layout, so the same scan stored another
+    way would otherwise give another result. `spacing`: the per-axis voxel size (mm) expected after
+    that reorientation (the training data's). `Subject.to_source` maps results back.
+    """
     key = modality.lower()
     if key not in NYUL_LANDMARKS:
         raise ConfigError("modality", f"unknown modality {modality!r}; expected 't1' or 't2'")
@@ -284,15 +307,15 @@ def prepare_subject(
     check_same_grid(image, mask)
     if seg is not None:
         check_same_grid(image, seg)
-    if expected_spacing is not None:
-        spacing = np.array(image.spacing)
-        if np.any(np.abs(spacing - expected_spacing) > _SPACING_TOLERANCE):
-            raise DataError(
-                image_path,
-                f"voxel spacing {tuple(round(float(s), 4) for s in spacing)} mm, expected "
-                f"{expected_spacing:g} mm isotropic: preprocess the volume with data_prep first "
-                "(resampling and registration, spec §2.1)",
-            )
+    source_affine, source_shape = image.affine, image.shape
+    reorientation = None
+    if orientation is not None:
+        reorientation = Reorientation.between(image.affine, image.shape, orientation,
+                                              source=image_path)  # fmt: skip
+        image, mask = _reoriented(image, reorientation), _reoriented(mask, reorientation)
+        seg = None if seg is None else _reoriented(seg, reorientation)
+    # Checked after reorientation: the per-axis spacing is that of the training axes.
+    _check_spacing(image, expected_spacing, spacing)
 
     smoothed = curvature_flow(image.data, image.spacing)
     # Nyúl before cropping: the reference computes the percentiles on the cut volume (spec §2.2).
@@ -313,7 +336,31 @@ def prepare_subject(
         subject_id=subject_id,
         affine=crop_pad.target_affine(image.affine),
         crop_pad=crop_pad,
-        source_affine=image.affine,
-        source_shape=image.shape,
+        source_affine=source_affine,
+        source_shape=source_shape,
         image_path=str(Path(image_path)),
+        reorientation=reorientation,
     )
+
+
+def _reoriented(volume: Volume, reorientation: Reorientation) -> Volume:
+    return Volume(reorientation.apply(volume.data), reorientation.target_affine, volume.path)
+
+
+def _check_spacing(
+    image: Volume, isotropic: float | None, per_axis: Sequence[float] | None
+) -> None:
+    actual = np.array(image.spacing)
+    shown = tuple(round(float(s), 4) for s in actual)
+    if isotropic is not None and np.any(np.abs(actual - isotropic) > _SPACING_TOLERANCE):
+        raise DataError(
+            image.path,
+            f"voxel spacing {shown} mm, expected {isotropic:g} mm isotropic: preprocess the "
+            "volume with data_prep first (resampling and registration, spec §2.1)",
+        )
+    if per_axis is not None and np.any(np.abs(actual - np.asarray(per_axis)) > _SPACING_TOLERANCE):
+        raise DataError(
+            image.path,
+            f"voxel spacing {shown} mm along the training axes, the model was trained on "
+            f"{tuple(float(s) for s in per_axis)} mm: resample the volume (spec §2.1 step 1)",
+        )

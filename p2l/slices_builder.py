@@ -19,11 +19,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.utils import gcs_utils
 
-from p2l import build_inputs, disk_check
+from p2l import build_inputs, disk_check, orientation
 from p2l.errors import ConfigError, DataError
 from p2l.normalization import load_subject
 from p2l.splits import (
@@ -43,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 # Bump when the stored content changes for the same inputs (normalisation, features), so that an
 # old build is never reused: it is part of the config hash.
-_CONTENT_VERSION = "1"
+_CONTENT_VERSION = "2"  # 2: volumes reoriented to the first training volume's axes
 # Example keys are subject_index * _KEY_STRIDE + slice_index; tfds keeps integer key order when
 # shuffling is disabled.
 _KEY_STRIDE = 100_000
@@ -235,11 +236,20 @@ class Patch2LocSlices(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         if not Path(self._inputs.data_root).is_dir():
             raise DataError(self._inputs.data_root, "data root folder not found")
         rows = _read_rows(self._inputs, check_files=True)
+        # Every volume is brought to the orientation of the fold's first training volume, the one
+        # p2l.orientation records as the run's training space: test volumes stored another way
+        # are then scored in the layout the model learnt (a voxel permutation, no resampling).
+        first = rows["train"][0].image_path
+        try:
+            target = orientation.axcodes(nib.load(first).affine)
+        except Exception as err:  # missing or unreadable: the same wording as volume_io
+            raise DataError(first, f"cannot read the NIfTI header: {err}") from None
         return {
-            split: self._generate_examples(split, split_rows) for split, split_rows in rows.items()
+            split: self._generate_examples(split, split_rows, target)
+            for split, split_rows in rows.items()
         }
 
-    def _generate_examples(self, split: str, rows: list[SplitRow]):
+    def _generate_examples(self, split: str, rows: list[SplitRow], target_axcodes):
         inputs = self._inputs
         for index, row in enumerate(rows):
             subject = load_subject(
@@ -250,6 +260,7 @@ class Patch2LocSlices(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 subject_id=row.subject_id,
                 target_shape=inputs.target_shape,
                 expected_spacing=inputs.expected_spacing,
+                orientation=target_axcodes,
             )
             num_slices = subject.image.shape[2]
             seg = subject.seg

@@ -28,6 +28,7 @@ from p2l import (
     input_pipeline,
     interrupt,
     losses,
+    orientation,
     parallel,
     patches,
     run_identity,
@@ -259,6 +260,9 @@ def _train(config, workdir: Path, accept: tuple[str, ...]) -> TrainState:
             keys = ("hash", "from_step", "accepted_change")
             ident = {k: entry[k] for k in keys if k in entry}
             run_info.write(workdir, config, identity=ident, resumed_from=last_saved)
+            # The orientation and spacing the model learns: detect and evaluation bring scans
+            # to it (p2l.orientation).
+            orientation.write_training_space(workdir, config)
         return _train_loop(config, workdir, ckpt, last_saved)
     finally:
         # Also on errors: finish an in-flight async save, so the last good checkpoint is whole.

@@ -43,6 +43,11 @@ class Volume:
         norms = np.linalg.norm(self.affine[:3, :3], axis=0)
         return tuple(float(n) for n in norms)  # type: ignore[return-value]
 
+    @property
+    def axcodes(self) -> tuple[str, str, str]:
+        """Where each voxel axis points in RAS+ world space, e.g. ('L', 'P', 'S') (ITK's RAI)."""
+        return tuple(nib.aff2axcodes(self.affine))  # type: ignore[return-value]
+
 
 def read_volume(path: str | os.PathLike, *, kind: VolumeKind) -> Volume:
     """Read a NIfTI file fully into float32 and check it is usable as `kind`.

@@ -264,3 +264,25 @@ def test_load_subject_errors(tmp_path):
         expected_spacing=None,
     )
     assert subject.image.shape == (32, 32, 12)
+
+
+def test_load_subject_reorients_to_the_training_axes_and_maps_back(tmp_path):
+    # AFFINE stores the axes as L, A, S (spacing 1.2, 0.9, 2.0); the training axes here are S, P, R.
+    paths = _write_case(tmp_path / "case", affine=AFFINE)
+    stored_mask = read_volume(paths["mask"], kind="mask").data
+    kwargs = dict(modality="t2", subject_id="x", expected_spacing=None, orientation=("S", "P", "R"))
+    # No crop/pad (the reoriented shape), so mapping back must give the stored voxels exactly.
+    subject = load_subject(
+        paths["image"], paths["mask"], paths["seg"], target_shape=(14, 34, 30),
+        spacing=(2.0, 0.9, 1.2), **kwargs,
+    )  # fmt: skip
+    assert subject.reorientation.target_axcodes == ("S", "P", "R")
+    assert subject.source_shape == (30, 34, 14)
+    np.testing.assert_allclose(subject.source_affine, AFFINE, atol=1e-6)
+    np.testing.assert_array_equal(subject.mask, stored_mask.transpose(2, 1, 0)[:, ::-1, ::-1])
+    np.testing.assert_array_equal(subject.to_source(subject.mask), stored_mask)
+    # The per-axis spacing is checked after reorientation, along the training axes.
+    with pytest.raises(DataError, match="along the training axes") as info:
+        load_subject(paths["image"], paths["mask"], None, target_shape=(14, 34, 30),
+                     spacing=(1.2, 0.9, 2.0), **kwargs)  # fmt: skip
+    assert info.value.path == str(paths["image"])

@@ -142,9 +142,17 @@ def test_write_volume_atomic_keeps_old_file_on_failure(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(nib, "save", failing_save)
-    with pytest.raises(OSError, match="disk full"):
+    # One line naming the file (atomic_write turns OSErrors into a DataError).
+    with pytest.raises(DataError, match="keep.nii.gz: cannot write: disk full"):
         write_volume_atomic(target, np.zeros((3, 3, 3)), AFFINE)
     assert target.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["keep.nii.gz"]  # the temp file was removed
     with pytest.raises(DataError, match="must end with .nii"):
         write_volume_atomic(tmp_path / "out.npy", _brain(), AFFINE)
+
+
+def test_axcodes_name_where_each_voxel_axis_points(tmp_path):
+    vol = read_volume(_save(tmp_path / "img.nii.gz", _brain()), kind="image")
+    assert vol.axcodes == ("L", "A", "S")  # AFFINE's first column points to -x
+    permuted = Volume(vol.data, AFFINE[:, [2, 0, 1, 3]], vol.path)
+    assert permuted.axcodes == ("S", "L", "A")
