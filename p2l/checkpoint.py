@@ -11,10 +11,49 @@ folders (`p2l.tools.sweep --list`, `p2l.tools.tables`) stay quick.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from p2l.errors import DataError
+
 DIRNAME = "checkpoints"
+# Storage failures, as OSError numbers or as words in the messages of the tensorstore errors
+# orbax raises (which are not OSErrors): reported in one line, not as a page of traceback.
+_IO_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
+_IO_WORDS = ("No space left on device", "Read-only file system", "Permission denied",
+             "Disk quota exceeded")  # fmt: skip
+
+
+def storage_problem(err: BaseException) -> str | None:
+    """What went wrong with the storage, if `err` (or an exception it came from) says so."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in _IO_ERRNOS:
+            return err.strerror or str(err)
+        found = next((w for w in _IO_WORDS if w in str(err)), None)
+        if found:
+            return found
+        err = err.__cause__ or err.__context__
+    return None
+
+
+@contextlib.contextmanager
+def _writing(directory: Path) -> Iterator[None]:
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - re-raised unless it is a storage failure
+        problem = storage_problem(err)
+        if problem is None:
+            raise
+        raise DataError(
+            directory,
+            f"cannot write a checkpoint: {problem}. The latest complete checkpoint is kept; "
+            "free space (or fix permissions) and run the same command to resume",
+        ) from None
 
 
 def complete_steps(workdir: str | Path) -> list[int]:
@@ -40,7 +79,8 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def save(self, step: int, state: Any) -> None:
-        self._manager.save(step, args=self._ocp.args.StandardSave(state), force=True)
+        with _writing(self.directory):
+            self._manager.save(step, args=self._ocp.args.StandardSave(state), force=True)
 
     def restore(self, state_like: Any, step: int | None = None) -> Any:
         """Restore into the structure, shapes and shardings of `state_like`."""
@@ -53,5 +93,7 @@ class Checkpointer:
         return self._manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        # Saves are asynchronous: a full disk may only show here.
+        with _writing(self.directory):
+            self._manager.wait_until_finished()
+            self._manager.close()
