@@ -95,6 +95,7 @@ def validation_threshold(
             target_shape=tuple(config.data.image_shape),
             expected_spacing=config.data.expected_spacing,
             orientation=axcodes,
+            check_oblique=False,  # the dataset's own volumes, as the slice build reads them
         )
         for row in rows
     )

@@ -247,6 +247,7 @@ def load_subject(
     target_shape: tuple[int, int, int] = (192, 192, 100),
     expected_spacing: float | None = 1.0,
     orientation: Sequence[str] | None = None,
+    check_oblique: bool = True,
     spacing: Sequence[float] | None = None,
 ) -> Subject:
     """Read one scan (+ mask, seg) and normalise it exactly as the reference loader, spec §2.2.
@@ -275,6 +276,7 @@ def load_subject(
         target_shape=target,
         expected_spacing=expected_spacing,
         orientation=orientation,
+        check_oblique=check_oblique,
         spacing=spacing,
     )
 
@@ -289,6 +291,7 @@ def prepare_subject(
     target_shape: tuple[int, int, int] = (192, 192, 100),
     expected_spacing: float | None = 1.0,
     orientation: Sequence[str] | None = None,
+    check_oblique: bool = True,
     spacing: Sequence[float] | None = None,
 ) -> Subject:
     """The normalisation chain of `load_subject` on volumes already in memory (spec §2.2).
@@ -297,7 +300,9 @@ def prepare_subject(
     by an exact axis permutation/flip (`orientation.Reorientation`): the crop/pad of spec §2.2
     works in voxel space and the network sees the array layout, so the same scan stored another
     way would otherwise give another result. `spacing`: the per-axis voxel size (mm) expected after
-    that reorientation (the training data's). `Subject.to_source` maps results back.
+    that reorientation (the training data's). `check_oblique`: refuse a scan whose axes are tilted
+    from the world axes (a single scan to detect on); a dataset's own volumes, which the reference
+    never checks, are reoriented without it. `Subject.to_source` maps results back.
     """
     key = modality.lower()
     if key not in NYUL_LANDMARKS:
@@ -310,8 +315,9 @@ def prepare_subject(
     source_affine, source_shape = image.affine, image.shape
     reorientation = None
     if orientation is not None:
-        reorientation = Reorientation.between(image.affine, image.shape, orientation,
-                                              source=image_path)  # fmt: skip
+        reorientation = Reorientation.between(
+            image.affine, image.shape, orientation, source=image_path, check_oblique=check_oblique
+        )
         image, mask = _reoriented(image, reorientation), _reoriented(mask, reorientation)
         seg = None if seg is None else _reoriented(seg, reorientation)
     # Checked after reorientation: the per-axis spacing is that of the training axes.

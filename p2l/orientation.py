@@ -90,16 +90,18 @@ class Reorientation:
         target: Sequence[str],
         *,
         source: str | os.PathLike = "<array>",
+        check_oblique: bool = True,
     ) -> Reorientation:
         """The reorientation of a scan (`affine`, `shape`) to the axis codes `target`.
 
         Raises DataError naming `source` for a scan too oblique to be registered (see
-        OBLIQUE_LIMIT_DEG): reorienting it to the nearest axes would leave it tilted.
+        OBLIQUE_LIMIT_DEG; unless `check_oblique` is False): reorienting it to the nearest axes
+        would leave it tilted.
         """
         affine = np.asarray(affine, dtype=np.float64)
         shape = tuple(int(n) for n in shape)
         angle = obliquity_deg(affine)
-        if angle > OBLIQUE_LIMIT_DEG:
+        if check_oblique and angle > OBLIQUE_LIMIT_DEG:
             raise DataError(
                 source,
                 f"voxel axes are {angle:.1f} degrees away from the world axes (limit "

@@ -261,6 +261,7 @@ class Patch2LocSlices(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 target_shape=inputs.target_shape,
                 expected_spacing=inputs.expected_spacing,
                 orientation=target_axcodes,
+                check_oblique=False,  # the dataset's own volumes, as the reference reads them
             )
             num_slices = subject.image.shape[2]
             seg = subject.seg

@@ -382,3 +382,12 @@ def test_detect_on_a_real_scan_is_the_same_in_all_48_orientations(trained, share
             # Measured: identical (max abs difference 0.0) for every map and copy.
             assert np.abs(maps[key] - original).max() <= 1e-6, (number, key)
         np.testing.assert_allclose(peak, reference[1], atol=1e-6, err_msg=f"copy {number}")
+
+
+def test_a_dataset_volume_may_be_oblique_when_its_loader_says_so():
+    # The slice build and the validation loader reorient the dataset's own volumes without the
+    # registration check (the reference reads them as they are); detect keeps it.
+    reo = Reorientation.between(
+        _rotation_x(12), (5, 6, 7), ("L", "P", "S"), source="scan.nii", check_oblique=False
+    )
+    assert reo.target_axcodes == ("L", "P", "S")
