@@ -83,14 +83,22 @@ class Checkpointer:
             self._manager.save(step, args=self._ocp.args.StandardSave(state), force=True)
 
     def restore(self, state_like: Any, step: int | None = None) -> Any:
-        """Restore into the structure, shapes and shardings of `state_like`."""
+        """Restore into the structure, shapes and shardings of `state_like`; a checkpoint of
+        another shape (patch size, architecture) is a DataError naming its folder."""
         import jax
 
         step = self._manager.latest_step() if step is None else step
         abstract = jax.tree_util.tree_map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state_like
         )
-        return self._manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
+        try:
+            return self._manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
+        except (ValueError, KeyError, TypeError) as err:
+            raise DataError(
+                self.directory / str(step),
+                "checkpoint does not match this config's model (another patch size or "
+                f"architecture?): {str(err).splitlines()[0][:300]}",
+            ) from None
 
     def close(self) -> None:
         # Saves are asynchronous: a full disk may only show here.

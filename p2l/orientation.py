@@ -159,6 +159,14 @@ def brain_extent_mm(mask: np.ndarray, spacing: Sequence[float]) -> list[float]:
     return [round(float(n * s), 3) for n, s in zip(size, spacing, strict=True)]
 
 
+def file_affine(path: str | os.PathLike) -> np.ndarray:
+    """The affine in a NIfTI file's header (the voxels are not read)."""
+    try:
+        return nib.load(path).affine
+    except Exception as err:  # missing or unreadable: the same wording as volume_io
+        raise DataError(path, f"cannot read the NIfTI header: {err}") from None
+
+
 def training_space(config) -> dict:
     """Orientation, spacing and brain extent of the run's training data (its first volume).
 
@@ -175,10 +183,7 @@ def training_space(config) -> dict:
     if not rows:
         raise DataError(config.splits_dir, f"no training rows for fold {config.fold}")
     first = rows[0]
-    try:
-        affine = nib.load(first.image_path).affine
-    except Exception as err:  # missing or unreadable: the same wording as volume_io
-        raise DataError(first.image_path, f"cannot read the NIfTI header: {err}") from None
+    affine = file_affine(first.image_path)
     codes = axcodes(affine)
     spacing = [round(float(s), 6) for s in nib.affines.voxel_sizes(affine)]
     mask = read_volume(first.mask_path, kind="mask")

@@ -19,7 +19,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.utils import gcs_utils
@@ -239,11 +238,7 @@ class Patch2LocSlices(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         # Every volume is brought to the orientation of the fold's first training volume, the one
         # p2l.orientation records as the run's training space: test volumes stored another way
         # are then scored in the layout the model learnt (a voxel permutation, no resampling).
-        first = rows["train"][0].image_path
-        try:
-            target = orientation.axcodes(nib.load(first).affine)
-        except Exception as err:  # missing or unreadable: the same wording as volume_io
-            raise DataError(first, f"cannot read the NIfTI header: {err}") from None
+        target = orientation.axcodes(orientation.file_affine(rows["train"][0].image_path))
         return {
             split: self._generate_examples(split, split_rows, target)
             for split, split_rows in rows.items()

@@ -36,7 +36,7 @@ from p2l import (
     run_log,
     workdir_lock,
 )
-from p2l.errors import DataError, P2LError
+from p2l.errors import P2LError
 from p2l.model import count_params, create_model, init_variables
 from p2l.train_state import TrainState, create_train_state, make_optimizer
 
@@ -207,17 +207,6 @@ def _check_finite(step: int, metrics: dict, last_saved: int | None) -> None:
         )
 
 
-def _restore(ckpt, state, step: int):
-    try:
-        return ckpt.restore(state)
-    except (ValueError, KeyError, TypeError) as err:
-        raise DataError(
-            ckpt.directory / str(step),
-            "checkpoint does not fit this config's model (another patch size or architecture?): "
-            f"{str(err).splitlines()[0][:300]}",
-        ) from None
-
-
 def _checkpoint_bytes(config) -> int:
     """Kept checkpoints: about 3 float32 copies of the parameters each (params, Adam's moments)."""
     patch = patches.patch_size_for(config.data.image_shape[0], config.sampling.patch_fraction)
@@ -296,7 +285,7 @@ def _train_loop(config, workdir: Path, ckpt, last_saved: int | None):
     state = create_train_state(config, model, tx, init_key)
     state = jax.device_put(state, parallel.replicated(mesh))
     if last_saved is not None:
-        state = _restore(ckpt, state, last_saved)
+        state = ckpt.restore(state, last_saved)
         print(f"p2l: resumed from {ckpt.directory}/{last_saved}", flush=True)
     start = int(state.step)
     if start >= config.num_steps:
