@@ -168,13 +168,14 @@ def file_affine(path: str | os.PathLike) -> np.ndarray:
 
 
 def training_space(config) -> dict:
-    """Orientation, spacing and brain extent of the run's training data (its first volume).
+    """Orientation, spacing and brain extent of the run's training data.
 
-    The model learns the array layout of the volumes it is trained on (normalization.load_subject
-    reads them as stored), so the first training volume of the fold defines the space; the other
-    training volumes' headers are read too and the record counts their orientations.
+    The model learns the array layout of the volumes it is trained on: the slice build brings
+    every volume to the orientation of the IXI build's first row (p2l.builds), which therefore
+    defines the space; the fold's training volumes' headers are read too and the record counts
+    their orientations.
     """
-    from p2l.splits import read_ixi_split
+    from p2l.splits import IXI, dataset_rows, read_ixi_split
     from p2l.volume_io import read_volume
 
     rows = read_ixi_split(
@@ -182,7 +183,7 @@ def training_space(config) -> dict:
     )
     if not rows:
         raise DataError(config.splits_dir, f"no training rows for fold {config.fold}")
-    first = rows[0]
+    first = dataset_rows(config.splits_dir, IXI, config.modality, config.data_root)[0]
     affine = file_affine(first.image_path)
     codes = axcodes(affine)
     spacing = [round(float(s), 6) for s in nib.affines.voxel_sizes(affine)]

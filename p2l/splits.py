@@ -8,6 +8,7 @@ CSV order, duplicates included: the reference trains on the files as they are (s
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -203,3 +204,53 @@ def read_test_split(
             for p in frame["img_path"]
         ]
     return _rows(frame, csv_path, data_root, modality, check_files)
+
+
+IXI = "IXI"
+
+
+def ixi_folds(splits_dir: str | os.PathLike) -> list[int]:
+    """The folds k with an `IXI_train_fold{k}.csv` in the splits folder, sorted."""
+    found = (re.fullmatch(r"IXI_train_fold(\d+)\.csv", p.name) for p in Path(splits_dir).iterdir())
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def dataset_rows(
+    splits_dir: str | os.PathLike,
+    dataset: str,
+    modality: Modality,
+    data_root: str | os.PathLike,
+    check_files: bool = False,
+) -> list[SplitRow]:
+    """Every scan of `dataset` that a split file of the folder names, once each, sorted by path.
+
+    These are the rows of the dataset's one slice build (p2l.builds), shared by every fold,
+    config and part: "IXI" gathers IXI_test.csv and the train and val files of every fold, so a
+    fold is a selection of rows of the one IXI build; a lesion set gathers <dataset>_test.csv and
+    its <dataset>_val.csv when there is one.
+    """
+    if dataset == IXI:
+        parts = [read_ixi_split(splits_dir, "test", 0, modality, data_root, check_files)]
+        folds = ixi_folds(splits_dir)
+        if not folds:
+            raise DataError(splits_dir, f"no IXI_train_fold<k>.csv; {_EXPECTED_FORMAT}")
+        for fold in folds:
+            for part in ("train", "val"):
+                # A missing val file is reported by the reader of the fold's val part.
+                if ixi_csv_path(splits_dir, part, fold).is_file():
+                    parts.append(
+                        read_ixi_split(splits_dir, part, fold, modality, data_root, check_files)
+                    )
+    else:
+        parts = [read_test_split(splits_dir, dataset, modality, data_root, "test", check_files)]
+        if dataset_csv_path(splits_dir, dataset, "val").is_file():
+            parts.append(
+                read_test_split(splits_dir, dataset, modality, data_root, "val", check_files)
+            )
+    unique = {row_key(r): r for rows in parts for r in rows}
+    return [unique[key] for key in sorted(unique)]
+
+
+def row_key(row: SplitRow) -> tuple[str, str, str]:
+    """What identifies a row's volume in its dataset's build (its files)."""
+    return (row.image_path, row.mask_path, row.seg_path or "")

@@ -13,7 +13,8 @@ import pytest
 
 from data_prep import prepare, validate
 from data_prep.manifest import read_manifest
-from p2l.slices_builder import build_slices, read_volumes
+from p2l.builds import Builds
+from p2l.slices_builder import SPLIT
 from p2l.splits import read_test_split
 from tests import data_prep_phantom as phantom
 
@@ -131,22 +132,19 @@ def test_prepared_root_feeds_the_tfds_builder(prepared, monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    builder = build_slices(
+    builds = Builds(
         data_root=prepared["out"],
         splits_dir=prepared["splits"],
         modality="t2",
         fold=0,
         test_sets=("Brats21",),
         target_shape=(96, 96, 16),
+        expected_spacing=1.0,
         data_dir=prepared["root"] / "tfds",
-    )
-    splits = builder.info.splits
-    assert {name: splits[name].num_examples for name in splits} == {
-        "train": 16,
-        "val": 16,
-        "ixi_test": 16,
-        "brats21": 16,
-    }
-    (volume,) = list(read_volumes(builder, "brats21"))
+    ).prepare()
+    counts = {d: b.info.splits[SPLIT].num_examples for d, b in builds.builders.items()}
+    assert counts == {"IXI": 16, "Brats21": 16}
+    assert [len(builds.subject_ids(p)) for p in ("train", "val", "ixi_test")] == [1, 1, 1]
+    (volume,) = list(builds.volumes("brats21"))
     assert volume.subject_id == CASE and volume.seg is not None
     assert volume.image.max() == pytest.approx(1.0) and volume.seg.sum() > 0

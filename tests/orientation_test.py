@@ -150,7 +150,8 @@ def test_spacing_is_checked_along_the_training_axes_after_reorientation():
 
 
 def _mini_dataset(root, affine=AFFINE, shape=(40, 44, 30)):
-    """<root>/data/Train/ixi/{t1,mask} with two subjects and <root>/splits/IXI_train_fold0.csv."""
+    """<root>/data/Train/ixi/{t1,mask} with two subjects, <root>/splits/IXI_train_fold0.csv and
+    IXI_test.csv (the files that make the IXI build, p2l.splits.dataset_rows)."""
     image, mask = _phantom(shape)
     (root / "data/Train/ixi/t1").mkdir(parents=True)
     (root / "data/Train/ixi/mask").mkdir(parents=True)
@@ -163,6 +164,7 @@ def _mini_dataset(root, affine=AFFINE, shape=(40, 44, 30)):
             f"{sid}_t1.nii.gz,/Train/ixi/t1/{sid}_t1.nii.gz,/Train/ixi/mask/{sid}_mask.nii.gz"
         )
     (root / "splits/IXI_train_fold0.csv").write_text("\n".join(lines) + "\n")
+    (root / "splits/IXI_test.csv").write_text("\n".join(lines[:2]) + "\n")
     config = demo_config(root)
     config.data_root, config.splits_dir, config.modality = (
         str(root / "data"),

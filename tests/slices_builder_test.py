@@ -1,4 +1,5 @@
-"""Tests for p2l.slices_builder: a tiny generated reference layout and the real IXI002 T2."""
+"""Tests for p2l.slices_builder and p2l.builds: a tiny generated reference layout and the real
+IXI002 T2."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ from scipy import ndimage
 from tensorflow_datasets.core.utils import gcs_utils
 
 from p2l import build_inputs, disk_check, slices_builder
+from p2l.builds import Builds
 from p2l.errors import ConfigError, DataError
 from p2l.normalization import load_subject
-from p2l.slices_builder import Patch2LocSlices, build_slices, read_volumes
+from p2l.slices_builder import SPLIT, Patch2LocSlices, read_volumes
 from p2l.splits import read_ixi_split, read_test_split
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -102,6 +104,18 @@ def _write_reference_layout(root: Path, splits: Path) -> None:
     (splits / "Synth_test.csv").write_text(HEADER + "".join(lines))
 
 
+def open_builds(**kwargs) -> Builds:
+    """The builds of a config, made (or reused) in this process."""
+    return Builds(**kwargs).prepare()
+
+
+def ixi(builds: Builds):
+    return builds.builders["IXI"]
+
+
+IXI_ROWS = 5  # the union of the fold's train (3) and val (2) rows and the test row (a train one)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     base = tmp_path_factory.mktemp("tiny")
@@ -119,29 +133,34 @@ def tiny(tmp_path_factory):
     )
     with pytest.MonkeyPatch.context() as mp:
         _block_network(mp)
-        builder = build_slices(**kwargs)
-    return SimpleNamespace(builder=builder, root=root, splits=splits, kwargs=kwargs)
+        builds = open_builds(**kwargs)
+    return SimpleNamespace(builds=builds, root=root, splits=splits, kwargs=kwargs)
 
 
-def test_splits_and_example_counts(tiny):
-    splits = tiny.builder.info.splits
-    assert set(splits.keys()) == {"train", "val", "ixi_test", "synth"}
+def test_one_build_per_dataset_and_part_counts(tiny):
+    builds = tiny.builds
+    assert set(builds.builders) == {"IXI", "Synth"}
     depth = TARGET[2]
-    assert splits["train"].num_examples == 3 * depth
-    assert splits["val"].num_examples == 2 * depth
-    assert splits["ixi_test"].num_examples == 1 * depth
-    assert splits["synth"].num_examples == 2 * depth
-    assert tiny.builder.builder_config.name.startswith("t2_fold0_")
-    assert tiny.builder.info.disable_shuffling
+    assert ixi(builds).info.splits[SPLIT].num_examples == IXI_ROWS * depth
+    assert builds.builders["Synth"].info.splits[SPLIT].num_examples == 2 * depth
+    assert ixi(builds).builder_config.name.startswith("ixi_t2_")
+    assert builds.builders["Synth"].builder_config.name.startswith("synth_t2_")
+    assert ixi(builds).info.disable_shuffling
+    assert builds.subject_ids("train") == TRAIN and builds.subject_ids("val") == VAL
+    assert builds.subject_ids("ixi_test") == TRAIN[:1] and builds.subject_ids("synth") == TEST
+    assert not builds.has("synth_val") and builds.has("synth")
 
 
 def test_order_and_seg_presence(tiny):
-    for split, subjects, has_seg in [("train", TRAIN, False), ("synth", TEST, True)]:
-        source = tiny.builder.as_data_source(split=split)
+    for builder, has_seg in [(ixi(tiny.builds), False), (tiny.builds.builders["Synth"], True)]:
+        source = builder.as_data_source(split=SPLIT)
         examples = [source[i] for i in range(len(source))]
         ids = [e["subject_id"].decode() for e in examples]
-        assert ids == [s for s in subjects for _ in range(TARGET[2])]  # CSV order, slices inner
-        assert [int(e["slice_index"]) for e in examples] == list(range(TARGET[2])) * len(subjects)
+        # Rows sorted by path, slices inner.
+        assert ids == [r.subject_id for r in builder.rows for _ in range(TARGET[2])]
+        assert [int(e["slice_index"]) for e in examples] == list(range(TARGET[2])) * len(
+            builder.rows
+        )
         assert {int(e["num_slices"]) for e in examples} == {TARGET[2]}
         assert {bool(e["has_seg"]) for e in examples} == {has_seg}
         first = examples[0]
@@ -149,16 +168,17 @@ def test_order_and_seg_presence(tiny):
         assert first["image"].dtype == np.float32 and first["seg"].dtype == np.uint8
         if not has_seg:
             assert all(not e["seg"].any() for e in examples)
+        assert len(list(read_volumes(builder))) == len(builder.rows)
 
 
-def test_read_volumes_equals_load_subject(tiny):
+def test_part_volumes_equal_load_subject(tiny):
     cases = [
         ("train", read_ixi_split(tiny.splits, "train", 0, "t2", tiny.root)),
         ("val", read_ixi_split(tiny.splits, "val", 0, "t2", tiny.root)),
         ("synth", read_test_split(tiny.splits, "Synth", "t2", tiny.root)),
     ]
-    for split, rows in cases:
-        volumes = list(read_volumes(tiny.builder, split))
+    for part, rows in cases:
+        volumes = list(tiny.builds.volumes(part))
         assert [v.subject_id for v in volumes] == [r.subject_id for r in rows]
         for volume, row in zip(volumes, rows, strict=True):
             subject = load_subject(
@@ -177,44 +197,82 @@ def test_read_volumes_equals_load_subject(tiny):
             else:
                 np.testing.assert_array_equal(volume.seg, subject.seg)
                 assert volume.seg.sum() > 0
+    # Chosen volumes, in the order asked.
+    picked = list(tiny.builds.volumes("train", [2, 0]))
+    assert [v.subject_id for v in picked] == [TRAIN[2], TRAIN[0]]
 
 
-def test_second_build_reuses_and_changed_inputs_change_the_config(tiny, tmp_path, monkeypatch):
+def _names(builds: Builds) -> dict:
+    return {d: b.builder_config.name for d, b in builds.builders.items()}
+
+
+def test_builds_are_shared_by_folds_and_configs_and_change_with_their_inputs(
+    tiny, tmp_path, monkeypatch
+):
     def must_not_load(*args, **kwargs):
         raise AssertionError("the existing build should have been reused")
 
     monkeypatch.setattr(slices_builder, "load_subject", must_not_load)
-    again = build_slices(**tiny.kwargs)
-    assert again.data_dir == tiny.builder.data_dir
-    assert again.info.splits["train"].num_examples == 3 * TARGET[2]
+    again = open_builds(**tiny.kwargs)
+    assert _names(again) == _names(tiny.builds)
+    names = _names(tiny.builds)
 
-    name = tiny.builder.builder_config.name
     copied = tmp_path / "splits"
     shutil.copytree(tiny.splits, copied)
-    # Same CSV contents elsewhere: same build. Edited CSV, shape or root: a different one.
-    assert Patch2LocSlices(**{**tiny.kwargs, "splits_dir": copied}).builder_config.name == name
-    val_csv = copied / "IXI_val_fold0.csv"
-    val_csv.write_text(val_csv.read_text() + val_csv.read_text().splitlines()[-1] + "\n")
-    assert Patch2LocSlices(**{**tiny.kwargs, "splits_dir": copied}).builder_config.name != name
-    other_shape = {**tiny.kwargs, "target_shape": (32, 32, 10)}
-    assert Patch2LocSlices(**other_shape).builder_config.name != name
-    other_root = tmp_path / "root_copy"
-    shutil.copytree(tiny.root, other_root)
-    assert Patch2LocSlices(**{**tiny.kwargs, "data_root": other_root}).builder_config.name != name
+    # Fold 1 of the same IXI scans and a config testing only Synth: the same builds, reused.
+    _ixi_csv(copied / "IXI_train_fold1.csv", VAL + TRAIN[:1])
+    _ixi_csv(copied / "IXI_val_fold1.csv", TRAIN[1:])
+    fold1 = open_builds(**{**tiny.kwargs, "splits_dir": copied, "fold": 1})
+    assert _names(fold1) == names
+    assert fold1.subject_ids("train") == VAL + TRAIN[:1]
+    assert [v.subject_id for v in fold1.volumes("val")] == TRAIN[1:]
+    only_ixi = open_builds(**{**tiny.kwargs, "test_sets": ()})
+    assert _names(only_ixi) == {"IXI": names["IXI"]}
+
+    # Another set of scans, shape or root: other builds.
+    _ixi_csv(copied / "IXI_val_fold0.csv", VAL[:1])
+    _ixi_csv(copied / "IXI_train_fold1.csv", TRAIN)
+    _ixi_csv(copied / "IXI_val_fold1.csv", VAL[:1])
+    other_rows = Builds(**{**tiny.kwargs, "splits_dir": copied})
+    assert Patch2LocSlices(**other_rows._kwargs["IXI"]).builder_config.name != names["IXI"]
+    for key, value in [("target_shape", (32, 32, 10)), ("data_root", tmp_path / "root_copy")]:
+        if key == "data_root":
+            shutil.copytree(tiny.root, value)
+        other = Builds(**{**tiny.kwargs, key: value})
+        assert Patch2LocSlices(**other._kwargs["IXI"]).builder_config.name != names["IXI"]
 
 
 def test_build_logs_one_line_per_volume(tiny, tmp_path, caplog):
-    splits = tmp_path / "splits"
-    shutil.copytree(tiny.splits, splits)
-    _ixi_csv(splits / "IXI_train_fold0.csv", TRAIN[:2])
     with caplog.at_level(logging.INFO, logger="p2l.slices_builder"):
-        builder = build_slices(
-            **{**tiny.kwargs, "splits_dir": splits, "test_sets": (), "data_dir": tmp_path / "t"}
-        )
+        open_builds(**{**tiny.kwargs, "test_sets": (), "data_dir": tmp_path / "t"})
     lines = [r.getMessage() for r in caplog.records if r.name == "p2l.slices_builder"]
-    assert len(lines) == 2 + 2 + 1  # train, val, ixi_test volumes
-    assert lines[0] == f"train: volume 1/2 {TRAIN[0]} ({TARGET[2]} slices)"
-    assert set(builder.info.splits.keys()) == {"train", "val", "ixi_test"}
+    assert len(lines) == IXI_ROWS
+    assert lines[0] == f"IXI: volume 1/{IXI_ROWS} {TRAIN[0]} ({TARGET[2]} slices)"
+
+
+def test_parallel_workers_build_the_same_slices(tiny, tmp_path):
+    kwargs = {**tiny.kwargs, "data_dir": tmp_path / "t", "workers": 2}
+    parallel = open_builds(**kwargs)
+    for part in ("train", "synth"):
+        for a, b in zip(parallel.volumes(part), tiny.builds.volumes(part), strict=True):
+            np.testing.assert_array_equal(a.image, b.image)
+            np.testing.assert_array_equal(a.mask, b.mask)
+
+
+def test_a_concurrent_run_waits_for_the_build(tiny, tmp_path, capsys):
+    import fcntl
+    import threading
+
+    kwargs = {**tiny.kwargs, "data_dir": tmp_path / "t", "test_sets": ()}
+    name = Patch2LocSlices(**Builds(**kwargs)._kwargs["IXI"]).builder_config.name
+    (tmp_path / "t").mkdir()
+    fd = os.open(tmp_path / "t" / f"{name}.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another run is building
+    threading.Timer(1.0, lambda: os.close(fd)).start()
+    open_builds(**kwargs)
+    assert f"waiting for another process to finish the slice build {name}" in (
+        capsys.readouterr().out
+    )
 
 
 def test_missing_scan_fails_before_any_build(tiny, tmp_path):
@@ -222,27 +280,28 @@ def test_missing_scan_fails_before_any_build(tiny, tmp_path):
     shutil.copytree(tiny.root, root)
     (root / "Test/Synth/seg/case2_seg.nii.gz").unlink()
     kwargs = {**tiny.kwargs, "data_root": root, "data_dir": tmp_path / "tfds"}
-    with pytest.raises(DataError, match=r"1 file\(s\)") as info:
-        build_slices(**kwargs)
-    assert info.value.path.endswith("Synth_test.csv")
+    with pytest.raises(DataError, match=r"1 file\(s\) of the Synth build") as info:
+        open_builds(**kwargs)
     assert "case2_seg.nii.gz" in str(info.value)
-    assert not list((tmp_path / "tfds").rglob("*.array_record*"))
+    assert not list((tmp_path / "tfds").rglob("synth*/**/*.array_record*"))
 
 
 def test_bad_arguments(tiny, tmp_path):
     with pytest.raises(ConfigError, match="test_sets"):
-        Patch2LocSlices(**{**tiny.kwargs, "test_sets": ("Synth", "synth")})
+        Builds(**{**tiny.kwargs, "test_sets": ("Synth", "synth")})
+    with pytest.raises(ConfigError, match="test_sets"):
+        Builds(**{**tiny.kwargs, "test_sets": "Synth"})
     with pytest.raises(ConfigError, match="invalid dataset name"):
-        Patch2LocSlices(**{**tiny.kwargs, "test_sets": ("Synth-1",)})
+        Patch2LocSlices(**{**Builds(**tiny.kwargs)._kwargs["Synth"], "dataset": "Synth-1"})
     with pytest.raises(ConfigError, match="modality"):
-        Patch2LocSlices(**{**tiny.kwargs, "modality": "flair"})
+        Builds(**{**tiny.kwargs, "modality": "flair"})
     with pytest.raises(ConfigError, match="target_shape"):
-        Patch2LocSlices(**{**tiny.kwargs, "target_shape": (32, 32)})
+        Builds(**{**tiny.kwargs, "target_shape": (32, 32)})
     absent_root = {**tiny.kwargs, "data_root": tmp_path / "absent", "data_dir": tmp_path / "t"}
-    with pytest.raises(DataError, match="data root folder not found"):
-        build_slices(**absent_root)
+    with pytest.raises(DataError):
+        open_builds(**absent_root)
     with pytest.raises(DataError, match="Brats21_test.csv"):
-        Patch2LocSlices(**{**tiny.kwargs, "test_sets": ("Brats21",)})
+        Builds(**{**tiny.kwargs, "test_sets": ("Brats21",)})
 
 
 def test_real_ixi002_t2(tmp_path):
@@ -263,21 +322,18 @@ def test_real_ixi002_t2(tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         _block_network(mp)
         # Native space (0.94 x 0.94 x 1.25 mm), not preprocessed: skip the spacing check.
-        builder = build_slices(
+        builds = open_builds(
             data_root=root,
             splits_dir=splits,
             modality="t2",
             fold=0,
             test_sets=(),
+            target_shape=(192, 192, 100),
             expected_spacing=None,
             data_dir=tmp_path / "tfds",
         )
-    assert {k: v.num_examples for k, v in builder.info.splits.items()} == {
-        "train": 100,
-        "val": 100,
-        "ixi_test": 100,
-    }
-    (volume,) = list(read_volumes(builder, "train"))
+    assert {k: v.num_examples for k, v in ixi(builds).info.splits.items()} == {SPLIT: 100}
+    (volume,) = list(builds.volumes("train"))
     assert volume.subject_id == subject and volume.seg is None
     assert volume.image.shape == volume.mask.shape == (192, 192, 100)
     assert volume.image.min() == 0 and volume.image.max() == 1
@@ -300,17 +356,17 @@ def _copied_layout(tiny, tmp_path, age_s=3600.0):
 
 def test_volume_changed_after_a_build_is_noticed_and_rebuilt(tiny, tmp_path, caplog):
     root, kwargs = _copied_layout(tiny, tmp_path)
-    first = build_slices(**kwargs)
+    first = ixi(open_builds(**kwargs))
     changed = root / f"Train/ixi/t2/{TRAIN[1]}_t2.nii.gz"
     image, _ = _phantom((30, 34, 14), 99)  # e.g. data re-prepared into the same folder
     _save(changed, image.astype(np.int16))
     with caplog.at_level(logging.WARNING, logger="p2l.slices_builder"):
-        second = build_slices(**kwargs)
+        second = open_builds(**kwargs)
     (message,) = [r.getMessage() for r in caplog.records if r.name == "p2l.slices_builder"]
     assert "1 input file(s) changed" in message and str(changed) in message
-    assert second.data_path == first.data_path
+    assert ixi(second).data_path == first.data_path
     rows = read_ixi_split(tiny.splits, "train", 0, "t2", root)
-    rebuilt = list(read_volumes(second, "train"))[1]
+    rebuilt = list(second.volumes("train"))[1]
     row = rows[1]
     expected = load_subject(
         row.image_path,
@@ -325,14 +381,14 @@ def test_volume_changed_after_a_build_is_noticed_and_rebuilt(tiny, tmp_path, cap
     _save(changed, np.full((30, 34, 14), np.nan, np.float32))
     for _ in range(2):  # the stale build is gone: a second start must fail the same way
         with pytest.raises(DataError, match="non-finite") as info:
-            build_slices(**kwargs)
+            open_builds(**kwargs)
         assert info.value.path == str(changed)
-    assert not Path(second.data_path).exists()
+    assert not Path(ixi(second).data_path).exists()
 
 
 def test_unchanged_second_open_stats_only_and_a_touch_is_hashed_once(tiny, tmp_path, monkeypatch):
     root, kwargs = _copied_layout(tiny, tmp_path)
-    build_slices(**kwargs)
+    open_builds(**kwargs)
     hashed = []
     real_hash = build_inputs.sha256_file
 
@@ -345,25 +401,25 @@ def test_unchanged_second_open_stats_only_and_a_touch_is_hashed_once(tiny, tmp_p
 
     monkeypatch.setattr(build_inputs, "sha256_file", counting_hash)
     monkeypatch.setattr(slices_builder, "load_subject", must_not_load)
-    again = build_slices(**kwargs)
-    assert again.info.splits["train"].num_examples == 3 * TARGET[2]
+    again = open_builds(**kwargs)
+    assert ixi(again).info.splits[SPLIT].num_examples == IXI_ROWS * TARGET[2]
     assert hashed == []  # fast path: one stat per input, nothing read
 
     touched = root / f"Test/Synth/seg/{TEST[0]}_seg.nii.gz"
     past = time.time() - 60
     os.utime(touched, (past, past))  # same content, new mtime: hashed once, then remembered
-    build_slices(**kwargs)
+    open_builds(**kwargs)
     assert hashed == [str(touched)]
-    build_slices(**kwargs)
+    open_builds(**kwargs)
     assert hashed == [str(touched)]
 
 
 def test_interrupted_or_unrecorded_build_is_never_used(tiny, tmp_path, monkeypatch, caplog):
     root, kwargs = _copied_layout(tiny, tmp_path)
-    builder = build_slices(**kwargs)
+    builder = ixi(open_builds(**kwargs))
     (Path(builder.data_path) / build_inputs.RECORD_NAME).unlink()  # killed before the record
     with caplog.at_level(logging.WARNING, logger="p2l.slices_builder"):
-        build_slices(**kwargs)
+        open_builds(**kwargs)
     assert "no record of its input files" in caplog.text
 
     mask = _phantom((34, 30, 11), 0)[1]
@@ -380,20 +436,20 @@ def test_interrupted_or_unrecorded_build_is_never_used(tiny, tmp_path, monkeypat
 
     monkeypatch.setattr(slices_builder, "load_subject", killed_mid_build)
     with pytest.raises(KeyboardInterrupt):
-        build_slices(**kwargs)
+        open_builds(**kwargs)
     monkeypatch.setattr(slices_builder, "load_subject", real_load)
     assert not Path(builder.data_path).exists()
-    rebuilt = build_slices(**kwargs)
-    assert rebuilt.info.splits["synth"].num_examples == 2 * TARGET[2]
+    rebuilt = open_builds(**kwargs)
+    assert rebuilt.builders["Synth"].info.splits[SPLIT].num_examples == 2 * TARGET[2]
 
 
 def test_absent_inputs_keep_the_build_readable_with_a_warning(tiny, tmp_path, caplog):
     root, kwargs = _copied_layout(tiny, tmp_path)
-    build_slices(**kwargs)
+    open_builds(**kwargs)
     shutil.rmtree(root / "Test")
     with caplog.at_level(logging.WARNING, logger="p2l.slices_builder"):
-        again = build_slices(**kwargs)
-    assert again.info.splits["synth"].num_examples == 2 * TARGET[2]
+        again = open_builds(**kwargs)
+    assert again.builders["Synth"].info.splits[SPLIT].num_examples == 2 * TARGET[2]
     assert "6 input file(s) of this build are absent" in caplog.text
 
 
@@ -401,11 +457,11 @@ def test_build_checks_free_space_first(tiny, tmp_path, monkeypatch):
     _, kwargs = _copied_layout(tiny, tmp_path)
     usage = shutil.disk_usage(tmp_path)._replace(free=1_000)
     monkeypatch.setattr(disk_check.shutil, "disk_usage", lambda path: usage)
-    needed = (3 + 2 + 1 + 2) * int(np.prod(TARGET)) * 4
+    needed = IXI_ROWS * int(np.prod(TARGET)) * 4
     with pytest.raises(
         DataError, match=f"1.0 kB free, the slice build needs about {needed / 1e3:.1f} kB"
     ):
-        build_slices(**kwargs)
+        open_builds(**kwargs)
     assert not list((tmp_path / "tfds").rglob("*.array_record*"))
 
 
