@@ -1,10 +1,18 @@
-"""Evaluate a workdir's checkpoint on the configured test sets (spec §5, §6).
+"""Evaluate a workdir's checkpoint on the configured test sets (spec §5, §6, §7).
 
 For each volume: lesion maps (p2l.scoring: heatmap, median filter, brain mask) -> metrics at every
 threshold policy of `p2l.thresholds.policies` (oracle, validation-tuned, healthy quantile).
 The healthy threshold is taken on healthy IXI volumes (the validation fold by default)
 post-processed like the test volumes — the reference computed it on unfiltered heatmaps (spec
 §8.14); `eval.healthy_postprocess=False` restores that.
+
+Bounded memory (README, "Evaluation at scale"): every set is read, scored and reduced one volume
+at a time (p2l.eval_stream); a test volume leaves a metrics row, a healthy or validation volume a
+histogram on a fixed grid (p2l.score_histograms), from which the stored thresholds are read
+within the tolerance stated there. Nothing here grows with the number of volumes but the rows.
+
+Protocols (p2l.protocols): the validation-tuned Dice is reported on the test set minus the
+validation subjects ("behrendt"), everything else on the whole test CSV ("reference").
 
 Writes into <workdir>/results/: `<set>_volumes.csv` (one row per volume), `summary.json`, and
 figures (`<set>_<subject>_overlay.png`, `<set>_error_vs_variance.png`).
@@ -24,110 +32,81 @@ from tqdm import tqdm
 from p2l import (
     config_check,
     disk_check,
+    eval_stream,
     figures,
     metrics,
-    normalization,
-    orientation,
-    parallel,
+    protocols,
     results_summary,
-    splits,
     thresholds,
     train_state,
 )
+from p2l import score_histograms as sh
 from p2l.atomic_write import write_json_atomic, write_text_atomic
 from p2l.errors import ConfigError
 from p2l.scoring import Scorer
 
 
-def _eval_volumes(builder, split: str):
-    # The prepared volumes live in the tfds slice build; only reading them needs TensorFlow,
-    # so it is imported here and scoring stays free of it (p2l.detect).
-    from p2l import input_pipeline
-
-    return input_pipeline.read_eval_volumes(builder, split)
-
-
-def _limit(iterable, n: int):
-    for i, item in enumerate(iterable):
-        if n and i >= n:
-            return
-        yield item
+def my_indices(n_volumes: int, limit: int) -> list[int]:
+    """This process's share (round-robin, p2l.parallel) of the first `limit` volume indices
+    (all when limit is 0): indices, never volumes, so nothing is read that another process reads."""
+    n = min(n_volumes, limit) if limit else n_volumes
+    return list(range(jax.process_index(), n, jax.process_count()))
 
 
-def _my_share(iterable, limit: int) -> list:
-    """This process's share of the first `limit` items (all items when limit is 0)."""
-    return parallel.process_share(list(_limit(iterable, limit)))
+def _scored(config, scorer, builds, part: str, limit: int, reduce, desc: str, **kw):
+    """(number of this process's volumes, iterator of reduce(volume, scored) in volume order)."""
+    indices = my_indices(len(builds.subject_ids(part)), limit)
+    stream = eval_stream.scored(scorer, builds.volumes(part, indices), reduce,
+                                workers=eval_stream.resolve_workers(config.eval), **kw)  # fmt: skip
+    return len(indices), tqdm(stream, total=len(indices), desc=desc, unit="vol")
 
 
-def healthy_threshold(config, scorer: Scorer, builder) -> tuple[float, int]:
+def _merged(histogram: sh.Histogram) -> sh.Histogram:
+    # Every process's small histogram, not its voxels (p2l.score_histograms).
+    from p2l import parallel
+
+    return sh.Histogram.merged(parallel.gather_objects(histogram.sparse()))
+
+
+def healthy_threshold(config, scorer: Scorer, builds) -> tuple[float, int]:
+    """The q-th percentile of healthy in-brain scores, from their merged histogram."""
     ev = config.eval
-    records = _my_share(_eval_volumes(builder, ev.healthy_split), ev.max_healthy_volumes)
-    values = []
-    stream = scorer.stream(records, filtered=ev.healthy_postprocess)
-    for rec, sv in tqdm(stream, total=len(records), desc=f"healthy IXI ({ev.healthy_split})",
-                        unit="vol"):  # fmt: skip
-        values.append(sv.score[rec.mask > 0])
-    values = [v for share in parallel.gather_objects(values) for v in share]
-    return thresholds.healthy_quantile_threshold(values, q=ev.healthy_quantile), len(values)
+
+    def reduce(rec, sv):
+        return sh.volume_counts(sv.score[rec.mask > 0], name=rec.subject_id)
+
+    histogram = sh.Histogram()
+    desc = f"healthy IXI ({ev.healthy_split})"
+    _, stream = _scored(config, scorer, builds, ev.healthy_split, ev.max_healthy_volumes, reduce,
+                        desc, filtered=ev.healthy_postprocess)  # fmt: skip
+    for counts in stream:
+        histogram.add(counts)
+    histogram = _merged(histogram)
+    if histogram.volumes == 0:
+        raise ConfigError("eval.healthy_split", f"{ev.healthy_split!r} has no volumes")
+    return sh.quantile(histogram.counts, ev.healthy_quantile), histogram.volumes
 
 
-def validation_threshold(
-    config, scorer: Scorer, dataset: str, axcodes=None
-) -> tuple[float | None, int]:
-    """Threshold tuned on the dataset's lesion validation split, or None without one.
-
-    `axcodes`: the run's training orientation (p2l.orientation); each volume is brought to it,
-    as the slice build does for the test volumes."""
-    path = splits.dataset_csv_path(config.splits_dir, dataset, part="val")
-    if not Path(path).exists():
+def validation_threshold(config, scorer: Scorer, builds, dataset: str) -> tuple[float | None, int]:
+    """Threshold tuned on the dataset's lesion validation split (pooled Dice, spec §7), or None
+    without one; from the merged histograms of all and of lesion voxels."""
+    part = f"{dataset.lower()}_val"
+    if not builds.has(part):
         return None, 0
-    rows = splits.read_test_split(
-        config.splits_dir, dataset, config.modality, config.data_root, part="val"
-    )
-    rows = _my_share(rows, config.eval.max_volumes)
-    subjects = (
-        normalization.load_subject(
-            row.image_path,
-            row.mask_path,
-            row.seg_path,
-            modality=config.modality,
-            subject_id=row.subject_id,
-            target_shape=tuple(config.data.image_shape),
-            expected_spacing=config.data.expected_spacing,
-            orientation=axcodes,
-            check_oblique=False,  # the dataset's own volumes, as the slice build reads them
-        )
-        for row in rows
-    )
-    compact = []
-    for subject, sv in tqdm(scorer.stream(subjects), total=len(rows),
-                            desc=f"{dataset} validation", unit="vol"):  # fmt: skip
-        seg = subject.seg if subject.seg is not None else np.zeros(sv.score.shape, np.uint8)
-        compact.append(_compact_volume(sv.score, seg > 0, subject.mask > 0))
-    volumes = [_expand_volume(c) for share in parallel.gather_objects(compact) for c in share]
-    if not volumes:
+
+    def reduce(rec, sv):
+        seg = rec.seg if rec.seg is not None else np.zeros(sv.score.shape, np.uint8)
+        return sh.volume_counts_with_lesion(sv.score, seg, name=rec.subject_id)
+
+    histogram = sh.Histogram(columns=2)
+    _, stream = _scored(config, scorer, builds, part, config.eval.max_volumes, reduce,
+                        f"{dataset} validation")  # fmt: skip
+    for counts in stream:
+        histogram.add(counts)
+    histogram = _merged(histogram)
+    if histogram.volumes == 0:
         return None, 0
-    scores, segs, masks = (list(x) for x in zip(*volumes))
-    return thresholds.validation_threshold(scores, segs, masks), len(scores)
-
-
-def _compact_volume(score, seg, brain):
-    """What the threshold search needs of a volume, small enough to gather across processes.
-
-    Outside the brain mask the post-processed score is exactly 0 (spec §5.5), so only in-brain
-    scores, the lesion flags and the outside-brain lesion count are kept. The expanded volume
-    is a permutation of the original voxels, and the threshold search only counts voxels.
-    """
-    assert not np.any(score[~brain]), "post-processed scores must be 0 outside the brain"
-    return (score[brain], seg[brain], int((~brain).sum()), int(seg[~brain].sum()))
-
-
-def _expand_volume(compact):
-    inside_score, inside_seg, n_out, n_out_lesion = compact
-    score = np.concatenate([inside_score, np.zeros(n_out, inside_score.dtype)])
-    seg = np.concatenate([inside_seg, np.arange(n_out) < n_out_lesion])
-    brain = np.concatenate([np.ones(inside_seg.size, bool), np.zeros(n_out, bool)])
-    return score, seg, brain
+    return sh.best_dice_threshold(histogram.counts), histogram.volumes
 
 
 def _csv_text(rows: list[dict]) -> str:
@@ -144,55 +123,81 @@ def figure_threshold(policy_thresholds: dict) -> float | None:
     return next((v for v in policy_thresholds.values() if v is not None), None)
 
 
-def evaluate_set(config, scorer: Scorer, builder, dataset: str, policy_thresholds, out: Path):
-    rows, density = [], {"err": [], "var": [], "lesion": []}
+def _volume_result(config, dataset, fixed, excluded_ids, with_figure, rec, sv):
+    """Metrics row of one test volume (a worker thread), and its figure data when kept."""
+    if rec.seg is None:
+        raise ConfigError("test_sets", f"{dataset} volumes have no segmentation")
+    excluded = rec.subject_id in excluded_ids
+    if excluded:  # a validation subject: no validation-tuned number on it (p2l.protocols)
+        fixed = {k: v for k, v in fixed.items() if k != thresholds.VALIDATION}
+    row = {"dataset": dataset, "subject_id": rec.subject_id, protocols.VALIDATION_SUBJECT: excluded}
+    row.update(
+        metrics.volume_metrics(
+            sv.score,
+            rec.seg,
+            rec.mask,
+            fixed,
+            min_component_voxels=config.eval.min_component_voxels,
+            name=rec.subject_id,
+        )
+    )
+    brain = rec.mask > 0
+    lesion = brain & (rec.seg > 0)
+    # Do lesion voxels score higher than the rest of the brain? (the paper's premise)
+    row["score_lesion_mean"] = float(sv.score[lesion].mean()) if lesion.any() else np.nan
+    row["score_normal_brain_mean"] = float(sv.score[brain & ~lesion].mean())
+    row["patches_evaluated"] = sv.patches_evaluated
+    kept = None
+    if with_figure(rec.subject_id):
+        thr = figure_threshold(fixed)
+        density = (np.log(sv.maps["error"][brain] + 1e-10), sv.maps["logvar"][brain],
+                   rec.seg[brain] > 0)  # fmt: skip
+        kept = (rec, sv.score, thr, density)
+    return row, kept
+
+
+def evaluate_set(config, scorer: Scorer, builds, dataset: str, policy_thresholds, out: Path,
+                 excluded_ids=frozenset()):  # fmt: skip
+    """Per-volume rows of a test set (all processes', in volume order); writes CSV and figures.
+
+    `excluded_ids`: validation subjects, scored without the validation policy (p2l.protocols)."""
     ev = config.eval
     split = dataset.lower()
-    records = _my_share(_eval_volumes(builder, split), ev.max_volumes)
-    for rec in records:
-        if rec.seg is None:
-            raise ConfigError("test_sets", f"{dataset} volumes have no segmentation")
     fixed = {k: v for k, v in policy_thresholds.items() if v is not None}
-    thr = figure_threshold(policy_thresholds)
+    ids = builds.subject_ids(split)
+    figure_ids = set(ids[: ev.num_figures])
+
+    def reduce(rec, sv):
+        return _volume_result(config, dataset, fixed, excluded_ids, figure_ids.__contains__,
+                              rec, sv)  # fmt: skip
+
+    rows, density = [], {"err": [], "var": [], "lesion": []}
+    _, stream = _scored(config, scorer, builds, split, ev.max_volumes, reduce, f"{dataset} test")
     t0 = time.perf_counter()
-    stream = tqdm(scorer.stream(records), total=len(records), desc=f"{dataset} test", unit="vol")
-    for i, (rec, sv) in enumerate(stream):
-        row = {"dataset": dataset, "subject_id": rec.subject_id}
-        row.update(
-            metrics.volume_metrics(
-                sv.score,
-                rec.seg,
-                rec.mask,
-                fixed,
-                min_component_voxels=ev.min_component_voxels,
-                name=rec.subject_id,
-            )
-        )
-        brain = rec.mask > 0
-        lesion = brain & (rec.seg > 0)
-        # Do lesion voxels score higher than the rest of the brain? (the paper's premise)
-        row["score_lesion_mean"] = float(sv.score[lesion].mean()) if lesion.any() else np.nan
-        row["score_normal_brain_mean"] = float(sv.score[brain & ~lesion].mean())
-        row["patches_evaluated"] = sv.patches_evaluated
+    for row, kept in stream:
         # Pipelined: the time from the previous volume's result to this one's.
         row["seconds"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         rows.append(row)
-        if i < ev.num_figures:
+        if kept is not None:
+            rec, score, thr, (err, var, les) = kept
             figures.overlay(
                 out / f"{split}_{rec.subject_id}_overlay.png",
                 rec.image,
-                sv.score,
+                score,
                 rec.mask,
                 rec.seg,
-                None if thr is None else thresholds.predict(sv.score, thr) & brain,
+                None if thr is None else thresholds.predict(score, thr) & (rec.mask > 0),
                 title=f"{dataset} {rec.subject_id}: Dice[oracle] {row['dice[oracle]']:.3f}, "
                 f"AUPRC {row['auprc']:.3f}",
             )
-            density["err"].append(np.log(sv.maps["error"][brain] + 1e-10))
-            density["var"].append(sv.maps["logvar"][brain])
-            density["lesion"].append(rec.seg[brain] > 0)
+            density["err"].append(err)
+            density["var"].append(var)
+            density["lesion"].append(les)
+            del kept, rec, score
     # Per-volume rows of all processes, in volume order; written once, by process 0.
+    from p2l import parallel
+
     shares = parallel.gather_objects(rows)
     rows = [r for i in range(max(map(len, shares), default=0)) for s in shares if i < len(s)
             for r in [s[i]]]  # fmt: skip
@@ -209,9 +214,18 @@ def evaluate_set(config, scorer: Scorer, builder, dataset: str, policy_threshold
     return rows
 
 
+def excluded_subjects(builds, dataset: str) -> set[str]:
+    """Test subjects of `dataset` that are also in its validation CSV (p2l.protocols)."""
+    part = f"{dataset.lower()}_val"
+    if not builds.has(part):
+        return set()
+    return protocols.validation_subjects(builds.subject_ids(dataset.lower()),
+                                         builds.subject_ids(part))  # fmt: skip
+
+
 def evaluate(config, workdir: str | Path) -> dict:
     """Evaluates the latest checkpoint of `workdir`; returns (and writes) the summary."""
-    from p2l import input_pipeline  # the tfds build (TensorFlow), see _eval_volumes
+    from p2l import input_pipeline  # the tfds build (TensorFlow): scoring stays free of it
 
     config_check.check_paths(config)
     workdir = Path(workdir)
@@ -220,11 +234,11 @@ def evaluate(config, workdir: str | Path) -> dict:
     # 100 MB: a nominal size for the CSVs, summary and figures of a run.
     disk_check.check_writable(out, 100 * 10**6, "evaluation")
     model, variables, step = train_state.restore_variables(config, workdir)
-    builder = input_pipeline.build_dataset(config)
+    builds = input_pipeline.build_dataset(config)
     scorer = Scorer(config, model, variables)
     t_start = time.perf_counter()
     healthy_name = thresholds.healthy_policy_name(config.eval.healthy_quantile)
-    healthy, n_healthy = healthy_threshold(config, scorer, builder)
+    healthy, n_healthy = healthy_threshold(config, scorer, builds)
     summary = {
         "workdir": str(workdir),
         "name": config.name,
@@ -234,24 +248,33 @@ def evaluate(config, workdir: str | Path) -> dict:
         "checkpoint_step": step,
         "devices": [str(d) for d in jax.devices()],
         "eval": config.eval.to_dict(),
-        "thresholds": {healthy_name: {"value": healthy, "volumes": n_healthy}},
+        "thresholds": {
+            healthy_name: {
+                "value": healthy,
+                "volumes": n_healthy,
+                "bin_width": sh.bin_width(healthy),
+            }
+        },  # fmt: skip
         "sets": {},
     }
-    space = orientation.run_space(workdir, config)
-    axcodes = None if space is None else space["axcodes"]
     for dataset in config.test_sets:
-        val_thr, n_val = validation_threshold(config, scorer, dataset, axcodes)
+        val_thr, n_val = validation_threshold(config, scorer, builds, dataset)
         summary["thresholds"][f"{thresholds.VALIDATION}[{dataset}]"] = {
             "value": val_thr,
             "volumes": n_val,
+            "bin_width": None if val_thr is None else sh.bin_width(val_thr),
         }
         stored = {thresholds.VALIDATION: val_thr, healthy_name: healthy}
         policy = {p.name: stored[p.name] for p in thresholds.policies(config.eval.healthy_quantile)
                   if not p.per_volume}  # fmt: skip
-        rows = evaluate_set(config, scorer, builder, dataset, policy, out)
+        excluded = excluded_subjects(builds, dataset) if val_thr is not None else set()
+        rows = evaluate_set(config, scorer, builds, dataset, policy, out, excluded)
         summary["sets"][dataset] = {
             "volumes": len(rows),
-            "metrics": results_summary.aggregate(rows),
+            "metrics": results_summary.aggregate_by_protocol(rows),
+            "protocols": protocols.describe(
+                rows, healthy_name, None if val_thr is None else n_val
+            ),  # fmt: skip
         }
     summary["seconds"] = time.perf_counter() - t_start
     summary["processes"] = jax.process_count()

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from p2l.protocols import BEHRENDT, REFERENCE, VALIDATION_SUBJECT, protocol_of
 from p2l.thresholds import HEALTHY_QUANTILE, policies
 
 
@@ -59,6 +60,19 @@ def aggregate(rows: Sequence[Mapping[str, object]]) -> dict[str, dict[str, float
     return summary
 
 
+def aggregate_by_protocol(rows: Sequence[Mapping[str, object]]) -> dict[str, dict[str, float]]:
+    """`aggregate`, each metric over the volumes of its protocol (p2l.protocols): `*[validation]`
+    keys over the test volumes that are not validation subjects, every other key over all."""
+    summary = aggregate(rows)
+    kept = [row for row in rows if not row.get(VALIDATION_SUBJECT)]
+    if len(kept) < len(rows):
+        behrendt = aggregate(kept)
+        for key in summary:
+            if protocol_of(key) == BEHRENDT:
+                summary[key] = behrendt.get(key, summary[key])
+    return summary
+
+
 def json_safe(tree):
     """JSON has no NaN/inf: write them as null (the counts say how many there were)."""
     if isinstance(tree, dict):
@@ -94,4 +108,25 @@ def format_summary(summary: dict) -> str:
         f"{k}={v['value']:.4g}" for k, v in summary["thresholds"].items() if v["value"] is not None
     )
     lines.append(f"thresholds: {thr}")
+    lines.extend(protocol_lines(summary))
     return "\n".join(lines)
+
+
+def protocol_lines(summary: dict) -> list[str]:
+    """One line per set saying which volumes each policy's numbers are on (p2l.protocols)."""
+    lines = []
+    for name, res in summary["sets"].items():
+        found = res.get("protocols")
+        if not found:  # summaries written before protocols were recorded
+            continue
+        ref = found[REFERENCE]
+        text = (f"{name}: {', '.join(ref['policies'])}, AUROC/AUPRC on all {ref['volumes']} test "
+                f"volumes ({REFERENCE} protocol)")  # fmt: skip
+        if BEHRENDT in found:
+            b = found[BEHRENDT]
+            text += (
+                f"; {', '.join(b['policies'])} on {b['volumes']} ({BEHRENDT} protocol: "
+                f"{b['excluded_validation_subjects']} validation subject(s) left out)"
+            )
+        lines.append(text)
+    return lines

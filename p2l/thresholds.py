@@ -54,7 +54,7 @@ def policies(healthy_quantile: float = HEALTHY_QUANTILE) -> tuple[Policy, ...]:
         Policy(ORACLE, "oracle", "per-volume best threshold (the reference's 'Supervised Dice', "
                "an upper bound)", per_volume=True),
         Policy(VALIDATION, "val-tuned", "one threshold per dataset from its lesion validation "
-               "split"),
+               "split, on the test volumes minus the validation subjects (Behrendt protocol)"),
         Policy(healthy_policy_name(q), f"healthy q{q:g}", f"{q:g}th percentile of healthy IXI "
                "in-brain scores"),
     )  # fmt: skip
@@ -173,7 +173,9 @@ def healthy_quantile_threshold(
     volumes exactly like the test volumes (the caller decides) so that the threshold is taken on
     the distribution it is applied to. Percentile with NumPy's default linear interpolation (the
     reference's `calculate_quantiles` is not in the public code, [inferred]). All values are
-    concatenated, so memory grows with the number of healthy volumes (~6 MB per volume in float32).
+    concatenated, so memory grows with the number of healthy volumes (~6 MB per volume in float32);
+    evaluation uses `p2l.score_histograms.quantile` (fixed memory, stated tolerance) and this
+    exact function is the reference the tests check it against.
     """
     if not 0 <= q <= 100:
         raise ConfigError("healthy_quantile", f"must be within [0, 100], got {q}")
@@ -237,7 +239,9 @@ def validation_threshold(
     The result is the exact optimum unless the objective peaks higher strictly inside another
     bin. Every voxel of each volume counts, background included, as in the per-volume Dice. Ties go
     to the smallest candidate. Cost: two passes over the volumes; objective "mean" also holds a
-    few (n_volumes, n_bins) count arrays (~50 MB each for 100 volumes).
+    few (n_volumes, n_bins) count arrays (~50 MB each for 100 volumes). Evaluation, which must not
+    hold the volumes, uses `p2l.score_histograms.best_dice_threshold` (pooled; tolerance stated
+    there) and this exact search is the reference the tests check it against.
     """
     if objective not in ("pooled", "mean"):
         raise ConfigError("validation_objective", f"must be 'pooled' or 'mean', got {objective!r}")

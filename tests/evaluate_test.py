@@ -8,8 +8,18 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from p2l import detect, evaluate, results_summary, train, train_state
+from p2l import (
+    detect,
+    evaluate,
+    input_pipeline,
+    results_summary,
+    score_histograms,
+    thresholds,
+    train,
+    train_state,
+)
 from p2l.errors import ConfigError, DataError
+from p2l.scoring import Scorer
 from p2l.tools import tables
 from tests.conftest import demo_config
 
@@ -48,6 +58,41 @@ def test_evaluation_writes_results_figures_and_labelled_thresholds(trained):
     assert len(list(results.glob("synth_*_overlay.png"))) == 1
     text = results_summary.format_summary(summary)
     assert "Dice (oracle)" in text and "| Synth | 2 |" in text
+    # The demo's Synth_val subjects are not in Synth_test: nothing is left out.
+    assert on_disk["sets"]["Synth"]["protocols"] == {
+        "reference": {"policies": ["oracle", "healthy_q98"], "threshold_free": True,
+                      "volumes": 2},
+        "behrendt": {"policies": ["validation"], "volumes": 2, "excluded_validation_subjects": 0,
+                     "validation_volumes": 2},
+    }  # fmt: skip
+    assert "behrendt protocol: 0 validation subject(s) left out" in text
+
+
+def test_streamed_thresholds_match_the_exact_functions(trained):
+    """The summary's thresholds (histograms, p2l.score_histograms) against p2l.thresholds' exact
+    functions on the same scored volumes of the demo model, within the stated tolerance."""
+    config, workdir, summary = trained
+    model, variables, _ = train_state.restore_variables(config, workdir)
+    builds = input_pipeline.build_dataset(config)
+    scorer = Scorer(config, model, variables)
+    ev = config.eval
+    healthy = [sv.score[rec.mask > 0] for rec, sv in scorer.stream(
+        list(builds.volumes(ev.healthy_split, range(ev.max_healthy_volumes))))]  # fmt: skip
+    exact = thresholds.healthy_quantile_threshold(healthy, q=ev.healthy_quantile)
+    streamed = summary["thresholds"]["healthy_q98"]["value"]
+    assert abs(streamed - exact) <= 2**-11 * abs(exact)
+    val = [(sv.score, rec.seg, rec.mask) for rec, sv in scorer.stream(
+        list(builds.volumes("synth_val", range(ev.max_volumes))))]  # fmt: skip
+    exact_val = thresholds.validation_threshold(*map(list, zip(*val)))
+    streamed_val = summary["thresholds"]["validation[Synth]"]["value"]
+    assert abs(streamed_val - exact_val) <= 2 * score_histograms.bin_width(exact_val)
+
+    def pooled_dice(t):
+        tp = sum(np.count_nonzero(thresholds.predict(s, t) & (g > 0)) for s, g, _ in val)
+        pred = sum(np.count_nonzero(thresholds.predict(s, t)) for s, _, _ in val)
+        return 2 * tp / (pred + sum(np.count_nonzero(g) for _, g, _ in val))
+
+    assert pooled_dice(streamed_val) >= pooled_dice(exact_val) - 1e-3
 
 
 def test_tables_collect_runs_and_flag_missing(trained, tmp_path):
