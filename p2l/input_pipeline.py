@@ -7,22 +7,24 @@ through its slices without replacement (the reference's RandomPopper). Unlike th
 choice is a pure function of (seed, step), so a resumed run sees exactly the batches an
 uninterrupted one would have.
 
-The slices of the split are held in host memory, as the reference pre-caches its subjects:
-the training input image*mask (spec §8.9) in float32 and the rejection mask (mask == 1, spec §8.10)
-in uint8 — about 7 GB for a full IXI fold at 192x192x100.
+The slices of the fold are read from the IXI slice build (p2l.builds) into a SliceBank, as the
+reference pre-caches its subjects: the training input image*mask (spec §8.9) in float32 and the
+rejection mask (mask == 1, spec §8.10) in uint8 — about 7 GB for a full IXI fold at 192x192x100.
+Training then gathers each step's slices on the devices from a copy placed there once, or streams
+them from the host with tf.data (`train_batches`) when the fold does not fit (p2l.device_slices).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
 from p2l import parallel, patches
+from p2l.builds import Builds, from_config
 from p2l.errors import ConfigError
-from p2l.slices_builder import build_slices, read_volumes
 
 # TensorFlow only feeds data: keep it off the accelerators JAX uses (conventions).
 tf.config.set_visible_devices([], "GPU")
@@ -45,63 +47,44 @@ class SliceBank:
         return self.image.shape[1]
 
 
-def default_tfds_dir(config) -> str:
-    if config.tfds_dir:
-        return config.tfds_dir
-    return str(Path(config.data_root).absolute().parent / "p2l_tfds")
-
-
-def build_dataset(config):
-    """The tfds builder of this config's modality, fold and test sets (built on first use)."""
+def build_dataset(config) -> Builds:
+    """The slice builds this config reads (made on first use, shared by folds and configs)."""
     import jax
 
-    def build():
-        return build_slices(
-            data_root=config.data_root,
-            splits_dir=config.splits_dir,
-            modality=config.modality,
-            fold=config.fold,
-            test_sets=tuple(config.test_sets),
-            target_shape=tuple(config.data.image_shape),
-            expected_spacing=config.data.expected_spacing,
-            data_dir=default_tfds_dir(config),
-        )
-
+    builds = from_config(config)
     if jax.process_count() == 1:
-        return build()
-    # Multi-process: process 0 builds, the others open the finished build after a barrier
-    # (two writers of one tfds folder would race).
+        return builds.prepare()
+    # Multi-process: process 0 builds, the others open the finished builds after a barrier.
     from jax.experimental import multihost_utils
 
-    builder = build() if jax.process_index() == 0 else None
+    if jax.process_index() == 0:
+        builds.prepare()
+    else:
+        print("p2l: waiting for process 0 to make the slice builds", flush=True)
     multihost_utils.sync_global_devices("p2l: tfds slices built")
-    return builder if builder is not None else build()
+    return builds if jax.process_index() == 0 else builds.open()
 
 
-def load_slice_bank(builder, split: str, image_shape) -> SliceBank:
-    """Reads a split's ordered slices into a SliceBank (rows are CSV rows, duplicates kept)."""
+def load_slice_bank(builds: Builds, part: str, image_shape) -> SliceBank:
+    """Reads a part's ordered slices into a SliceBank (rows are CSV rows, duplicates kept)."""
     h, w, d = image_shape
-    n_examples = builder.info.splits[split].num_examples
-    if n_examples == 0 or n_examples % d:
-        raise ConfigError(
-            "data",
-            f"split {split!r} of {builder.name} has {n_examples} slices, not a multiple of {d}",
-        )
-    rows = n_examples // d
-    image = np.zeros((rows, d, h, w), np.float32)
-    mask_one = np.zeros((rows, d, h, w), np.uint8)
-    subject_ids = []
-    source = builder.as_data_source(split=split)  # ArrayRecord: ordered random access
-    for i in range(n_examples):
-        ex = source[i]
-        r, z = divmod(i, d)
-        if int(ex["slice_index"]) != z:
-            raise ConfigError("data", f"slices of {split!r} out of order at example {i}")
-        if z == 0:
-            subject_ids.append(ex["subject_id"].decode())
-        image[r, z] = ex["image"] * ex["mask"]  # training input is masked (spec §8.9)
-        mask_one[r, z] = ex["mask"] == 1.0  # rejection counts mask == 1 exactly (spec §8.10)
-    return SliceBank(image=image, mask_one=mask_one, subject_ids=subject_ids)
+    subject_ids = builds.subject_ids(part)
+    if not subject_ids:
+        raise ConfigError("data", f"the {part!r} part of the slice builds has no volumes")
+    image = np.zeros((len(subject_ids), d, h, w), np.float32)
+    mask_one = np.zeros((len(subject_ids), d, h, w), np.uint8)
+    for r, volume in enumerate(builds.volumes(part)):
+        if volume.image.shape != (h, w, d):
+            raise ConfigError(
+                "data",
+                f"{volume.subject_id} of {part!r} has shape {volume.image.shape}, "
+                f"not the configured {(h, w, d)}",
+            )
+        # (H, W, D) -> (D, H, W); the training input is masked (spec §8.9) and the rejection
+        # counts mask == 1 exactly (spec §8.10).
+        image[r] = np.moveaxis(volume.image * volume.mask, -1, 0)
+        mask_one[r] = np.moveaxis(volume.mask == 1.0, -1, 0)
+    return SliceBank(image=image, mask_one=mask_one, subject_ids=list(subject_ids))
 
 
 def steps_per_epoch(num_rows: int, batch: int) -> int:
@@ -123,10 +106,24 @@ def select_train_slices(
         k * batch : (k + 1) * batch
     ]
     cycle, pos = divmod(epoch, num_slices)
-    slices = np.array(
-        [np.random.default_rng([seed, 1, int(r), cycle]).permutation(num_slices)[pos] for r in rows]
+    return rows, _slice_orders(seed, num_rows, num_slices, cycle)[rows, pos]
+
+
+@functools.lru_cache(maxsize=2)
+def _slice_orders(seed: int, num_rows: int, num_slices: int, cycle: int) -> np.ndarray:
+    """(num_rows, num_slices): each row's slice order in a cycle of num_slices epochs.
+
+    Cached, so that a step costs a lookup: one generator per row and step took longer than a GPU
+    step (README, "Performance"). The orders are the same.
+    """
+    orders = np.stack(
+        [
+            np.random.default_rng([seed, 1, r, cycle]).permutation(num_slices)
+            for r in range(num_rows)
+        ]
     )
-    return rows, slices
+    orders.flags.writeable = False  # shared by every caller of the cache
+    return orders
 
 
 def select_val_slices(step: int, num_rows: int, num_slices: int, seed: int):
@@ -194,6 +191,6 @@ def val_batch(bank: SliceBank, step: int, seed: int, padded: int) -> dict:
     return assemble_batch(bank, rows, slices, padded)
 
 
-def read_eval_volumes(builder, split: str):
+def read_eval_volumes(builds: Builds, split: str):
     """Ordered (H, W, D) volumes of an evaluation split (image, mask, seg, subject_id)."""
-    return read_volumes(builder, split)
+    return builds.volumes(split)

@@ -21,14 +21,15 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec
 
+# The input pipeline (TensorFlow, through device_slices too) and orientation (nibabel) are
+# imported where the loop uses them: the train step alone builds without them (a bare GPU
+# machine's `make gpu-check`, benchmarks.gpu_check).
 from p2l import (
     checkpoint,
     config_check,
     disk_check,
-    input_pipeline,
     interrupt,
     losses,
-    orientation,
     parallel,
     patches,
     run_identity,
@@ -251,6 +252,8 @@ def _train(config, workdir: Path, accept: tuple[str, ...]) -> TrainState:
             run_info.write(workdir, config, identity=ident, resumed_from=last_saved)
             # The orientation and spacing the model learns: detect and evaluation bring scans
             # to it (p2l.orientation).
+            from p2l import orientation
+
             orientation.write_training_space(workdir, config)
         return _train_loop(config, workdir, ckpt, last_saved)
     finally:
@@ -259,6 +262,8 @@ def _train(config, workdir: Path, accept: tuple[str, ...]) -> TrainState:
 
 
 def _train_loop(config, workdir: Path, ckpt, last_saved: int | None):
+    from p2l import device_slices, input_pipeline
+
     is_main = jax.process_index() == 0
     mesh = parallel.create_mesh()
     devices = mesh.devices.size
@@ -271,10 +276,12 @@ def _train_loop(config, workdir: Path, ckpt, last_saved: int | None):
     )
     # Validation draws the same number of candidates over the (fewer) val slices (spec §3.3).
     val_geometry = step_geometry(config, val_bank.num_rows, config.sampling.num_candidates, devices)
+    input_path, input_why = device_slices.choose_for(config, train_bank, mesh)
     print(
         f"p2l: {train_bank.num_rows} training rows, {val_bank.num_rows} validation rows, "
         f"{devices} device(s) ({jax.devices()[0].device_kind}); patch {geometry.patch}px, "
-        f"{geometry.num_candidates} candidates/step, buffer {geometry.capacity} patches",
+        f"{geometry.num_candidates} candidates/step, buffer {geometry.capacity} patches; "
+        f"training slices on the {input_path} ({input_why})",
         flush=True,
     )
 
@@ -294,7 +301,10 @@ def _train_loop(config, workdir: Path, ckpt, last_saved: int | None):
 
     train_step = make_train_step(model, tx, config, geometry, mesh)
     eval_step = make_eval_step(model, config, val_geometry, mesh)
-    batches = input_pipeline.train_batches(train_bank, config, geometry.padded_slices, start)
+    batches = device_slices.train_feed(
+        train_bank, config, geometry.padded_slices, start, mesh, input_path
+    )
+    del train_bank  # on the device path the host copy is no longer needed
     log = run_log.MetricLog(workdir, enabled=is_main)
     window: list[dict] = []
     window_start = time.perf_counter()
@@ -315,9 +325,11 @@ def _train_loop(config, workdir: Path, ckpt, last_saved: int | None):
             single = jax.process_count() == 1
             stopping = lambda: stop.requested is not None if single else seen_stop  # noqa: E731
             for step in range(start, config.num_steps):
-                local = next(batches)
-                flag = np.full(len(local["image"]), stop.requested is not None, np.int32)
-                batch = parallel.to_global({**local, "stop": flag}, mesh)
+                batch = next(batches)
+                # Each process feeds its stop flag with its share of the rows.
+                rows = geometry.padded_slices // jax.process_count()
+                flag = np.full(rows, stop.requested is not None, np.int32)
+                batch = {**batch, **parallel.to_global({"stop": flag}, mesh)}
                 state, metrics = train_step(state, batch, jax.random.fold_in(base_key, step))
                 if pending is not None:
                     drain(*pending)  # the previous step's metrics, while this step runs
