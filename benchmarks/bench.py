@@ -11,6 +11,9 @@ Figures (warm-up excluded, medians over repetitions):
   `--full-slices` are extrapolated and marked so.
 - pipeline: slices/s read from a tfds build of generated data (data_prep.demo_data) and of the
   training batch iterator.
+- feed: training slices/s the host and the device path (p2l.device_slices) deliver at the train
+  sizes, against what the measured train step and the fastest realistic GPU step consume
+  (`pipeline_throughput`, also called by benchmarks.scale_check).
 - peak host memory, device kind and count, dtypes, XLA_FLAGS.
 """
 
@@ -34,9 +37,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# No TensorFlow at import (p2l.input_pipeline is imported by the pipeline figure alone): the
+# training and inference figures also run in benchmarks.gpu_check's bare GPU environment.
 from p2l import (
     heatmaps,
-    input_pipeline,
+    layers,
     parallel,
     patches,
     postprocess,
@@ -63,6 +68,31 @@ def synthetic_slices(n: int, h: int, w: int, rng: np.random.Generator):
     return rng.random((n, h, w), dtype=np.float32) * mask, mask
 
 
+def synthetic_train_batches(
+    slices: int, padded: int, size: int, seed: int, mesh, count: int = 2
+) -> list[dict]:
+    """`count` global training batches of `slices` synthetic slices (`synthetic_slices`) at random
+    positions of a 100-slice volume, zero-padded to `padded` rows: the layout of
+    p2l.input_pipeline.assemble_batch, built without TensorFlow (single process)."""
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(count):
+        image = np.zeros((padded, size, size), np.float32)
+        mask_one = np.zeros((padded, size, size), np.uint8)
+        brain, mask = synthetic_slices(slices, size, size, rng)
+        image[:slices], mask_one[:slices] = brain, mask
+        position = np.zeros((padded,), np.float32)
+        position[:slices] = patches.slice_position(rng.integers(0, 100, slices), 100)
+        batch = {
+            "image": image,
+            "mask_one": mask_one,
+            "position": position,
+            "slice_index": np.arange(padded, dtype=np.int32),
+        }
+        batches.append(parallel.to_global(batch, mesh))
+    return batches
+
+
 def _summary(times: list[float]) -> dict:
     return {
         "median": statistics.median(times),
@@ -76,6 +106,7 @@ def bench_config(args):
 
     config = base.base_config()
     config.model.conv_impl = args.conv_impl
+    config.matmul_precision = args.matmul_precision
     config.model.dtype = args.train_dtype
     config.sampling.rejection_rate = args.rejection_rate
     config.loss.beta = args.beta
@@ -102,25 +133,7 @@ def bench_train(args, mesh) -> tuple[dict, dict]:
         capacity_per_device=math.ceil(args.patches / devices),
         devices=devices,
     )
-    rng = np.random.default_rng(args.seed)
-    depth = 2  # two slices per row, so slice positions vary
-    image, mask = synthetic_slices(args.train_slices * depth, args.image_size, args.image_size, rng)
-    shape = (args.train_slices, depth, args.image_size, args.image_size)
-    bank = input_pipeline.SliceBank(
-        image.reshape(shape),
-        mask.reshape(shape).astype(np.uint8),
-        [str(i) for i in range(shape[0])],
-    )
-    del image, mask
-    batches = []
-    for step in range(2):
-        rows, slices = input_pipeline.select_train_slices(
-            step, bank.num_rows, args.train_slices, depth, args.seed
-        )
-        batches.append(
-            parallel.to_global(input_pipeline.assemble_batch(bank, rows, slices, padded), mesh)
-        )
-    del bank
+    batches = synthetic_train_batches(args.train_slices, padded, args.image_size, args.seed, mesh)
 
     model = create_model(config)
     tx = train_state.make_optimizer(config)
@@ -302,6 +315,7 @@ def bench_pipeline(args) -> dict:
 
     from data_prep import demo_data
     from experiments import demo
+    from p2l import input_pipeline
 
     tfds.disable_progress_bar()
     root = Path(tempfile.mkdtemp(prefix="p2l_bench_"))
@@ -342,6 +356,105 @@ def bench_pipeline(args) -> dict:
         shutil.rmtree(root, ignore_errors=True)
 
 
+# --- (d) training feed: slices/s delivered vs consumed --------------------------------------------
+
+# A reference-size step (~11.5k valid patches of 356 slices) on an H100: ~10-20 ms. The feed should
+# deliver >= FEED_TARGET x what the fastest of them consumes, so the GPU never waits on input.
+FASTEST_STEP_S = 0.010
+FEED_TARGET = 3.0
+
+
+def _synthetic_bank(rows: int, depth: int, size: int, seed: int):
+    """A (rows, depth, size, size) SliceBank tiled from 64 synthetic slices (cheap to make)."""
+    from p2l import input_pipeline
+
+    pool, mask = synthetic_slices(64, size, size, np.random.default_rng(seed))
+    which = np.arange(rows * depth) % len(pool)
+    shape = (rows, depth, size, size)
+    return input_pipeline.SliceBank(
+        pool[which].reshape(shape),
+        mask.astype(np.uint8)[which].reshape(shape),
+        [str(r) for r in range(rows)],
+    )
+
+
+def _time_feed(feed, warmup: int, count: int) -> float:
+    """Seconds per batch of an iterator of global batches, each waited for on the devices."""
+    for _ in range(warmup):
+        jax.block_until_ready(next(feed))
+    t0 = time.perf_counter()
+    for _ in range(count):
+        jax.block_until_ready(next(feed))
+    return (time.perf_counter() - t0) / count
+
+
+def pipeline_throughput(
+    shrink: bool = False,
+    *,
+    args: argparse.Namespace | None = None,
+    step_s: float | None = None,
+    measure_step: bool = True,
+) -> dict:
+    """Training slices/s the host and device paths deliver (p2l.device_slices) vs consumption.
+
+    Sizes are bench's (`args`, default parse_args([]); `shrink`: tiny ones, a check of the
+    script). The bank has --feed-rows rows (387: an IXI train fold) of --feed-depth slices (100
+    on an accelerator, 10 on CPU to spare host memory; the gather does not depend on it).
+    Consumption is slices per step over `step_s`, the median train-step time (bench_train),
+    measured here when not given and `measure_step`.
+    """
+    from p2l import device_slices
+
+    if args is None:
+        tiny = "--image-size 48 --patch-size 8 --patches 64 --train-slices 8 --steps 2 --warmup 1"
+        tiny += " --feed-rows 16 --feed-depth 4 --pipeline-batches 3"
+        args = parse_args(tiny.split() if shrink else [])
+    on_cpu = jax.default_backend() == "cpu"
+    rows = args.feed_rows
+    depth = args.feed_depth or (10 if on_cpu else 100)
+    batches = args.pipeline_batches
+    mesh = parallel.create_mesh()
+    if step_s is None and measure_step:
+        step_s = bench_train(args, mesh)[0]["step_s_median"]
+    config = bench_config(args)
+    config.seed = args.seed
+    config.sampling.slices_per_step = args.train_slices
+    config.num_steps = 2 + batches
+    padded = parallel.padded_size(args.train_slices, mesh.devices.size)
+    bank = _synthetic_bank(rows, depth, args.image_size, args.seed)
+    host_s = _time_feed(device_slices.host_batches(bank, config, padded, 0, mesh), 2, batches)
+    t0 = time.perf_counter()
+    dbank = device_slices.place(bank, mesh)
+    jax.block_until_ready((dbank.image, dbank.mask_one))
+    place_s = time.perf_counter() - t0
+    device_s = _time_feed(device_slices.device_batches(dbank, config, padded, 0, mesh), 2, batches)
+    n = args.train_slices
+    consumed = n / step_s if step_s else None
+    fastest = n / FASTEST_STEP_S
+    out = {
+        "slices_per_step": n,
+        "image_size": args.image_size,
+        "bank_shape": [rows, depth, args.image_size, args.image_size],
+        "bank_gib_per_device": device_slices.bank_bytes(bank) / 2**30,
+        "batches_timed": batches,
+        "host_slices_per_s": n / host_s,
+        "device_slices_per_s": n / device_s,
+        "device_place_s": place_s,
+        "step_s_median": step_s,
+        "step_consumes_slices_per_s": consumed,
+        "fastest_step_s": FASTEST_STEP_S,
+        "fastest_step_consumes_slices_per_s": fastest,
+        "target_ratio": FEED_TARGET,
+        "auto_choice": list(device_slices.choose_for(config, bank, mesh)),
+    }
+    for path in ("host", "device"):
+        out[f"{path}_vs_step"] = out[f"{path}_slices_per_s"] / consumed if consumed else None
+        out[f"{path}_vs_fastest_step"] = out[f"{path}_slices_per_s"] / fastest
+    # On the path "auto" takes here (on CPU the host: p2l.device_slices.choose).
+    out["meets_target"] = out[f"{out['auto_choice'][0]}_vs_fastest_step"] >= FEED_TARGET
+    return out
+
+
 # --- main -----------------------------------------------------------------------------------------
 
 
@@ -370,7 +483,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--infer-reps", type=int, default=10, help="timed forward batches")
     ap.add_argument("--infer-dtype", choices=heatmaps.DTYPES, default="float32")
     ap.add_argument("--train-dtype", choices=("float32", "bfloat16"), default="float32")
-    ap.add_argument("--conv-impl", choices=("auto", "xla"), default="auto")
+    ap.add_argument("--conv-impl", choices=layers.CONV_IMPLS, default="auto")
+    ap.add_argument("--matmul-precision", choices=layers.MATMUL_PRECISIONS, default="default")
     ap.add_argument("--stride", type=int, default=4, help="stride of the first volume timing")
     ap.add_argument(
         "--slices",
@@ -390,6 +504,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--pipeline-volumes", type=int, default=4, help="volumes of the tfds build")
     ap.add_argument("--pipeline-batches", type=int, default=24, help="batches iterated")
+    ap.add_argument("--feed-rows", type=int, default=387, help="rows of the training-feed bank")
+    ap.add_argument(
+        "--feed-depth",
+        type=int,
+        default=None,
+        help="slices per row of the training-feed bank (default: 100 on an accelerator, 10 on CPU)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--no-xla-flags",
@@ -401,12 +522,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--skip-pipeline", action="store_true")
     args = ap.parse_args(argv)
     positive = "patches patch_size image_size train_slices steps infer_batch infer_reps stride"
-    positive += " full_slices pipeline_volumes pipeline_batches"
+    positive += " full_slices pipeline_volumes pipeline_batches feed_rows"
     for name in positive.split():
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
         ap.error("--warmup must be >= 0")
+    if args.feed_depth is not None and args.feed_depth < 1:
+        ap.error("--feed-depth must be >= 1")
+    if args.feed_rows < args.train_slices:
+        ap.error("--feed-rows must be >= --train-slices (one step takes that many rows)")
     return args
 
 
@@ -434,6 +559,8 @@ def main(argv=None) -> int:
         "patch_size": args.patch_size,
         "image_size": args.image_size,
         "conv_impl": args.conv_impl,
+        "conv_impl_resolved": layers.resolve_conv_impl(args.conv_impl),
+        "matmul_precision": args.matmul_precision,
         "train_dtype": args.train_dtype,
         "dtype": args.infer_dtype,
     }
@@ -462,6 +589,14 @@ def main(argv=None) -> int:
             log(f"  input pipeline benchmark failed: {err!r}")
             result["pipeline"] = None
             result["pipeline_error"] = repr(err)
+        log("(d) training feed: host and device paths vs the train step (p2l.device_slices)")
+        step_s = None if args.skip_train else result["train"]["step_s_median"]
+        feed = pipeline_throughput(args=args, step_s=step_s, measure_step=False)
+        result["feed"] = feed
+        log(f"  -> host {feed['host_slices_per_s']:.0f}, device {feed['device_slices_per_s']:.0f} "
+            f"slices/s; a {FASTEST_STEP_S * 1e3:.0f} ms step consumes "
+            f"{feed['fastest_step_consumes_slices_per_s']:.0f}, this machine's step "
+            f"{feed['step_consumes_slices_per_s'] or 0:.0f}")  # fmt: skip
     result["total_wall_s"] = time.perf_counter() - t_all
     # ru_maxrss is in KiB on Linux.
     result["peak_host_memory_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,6 +1,6 @@
 """Per-layer timing of the Patch2Loc network on this machine (issue "Performance").
 
-    python -m benchmarks.layer_probe [--batch 1024] [--conv-impl auto|xla] [--reps 5]
+    python -m benchmarks.layer_probe [--batch 1024] [--conv-impl auto|matmul|xla] [--reps 5]
     make bench-layers ARGS="--conv-impl xla"
 
 Times each stage of the network separately, jitted, at a batch of 24x24 patches: the eval-mode
@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from p2l import model as p2l_model
 from p2l import xla_flags
+from p2l.layers import CONV_IMPLS
 
 
 class Stem(p2l_model.Encoder):
@@ -107,7 +108,7 @@ def probe(batch: int, conv_impl: str, reps: int) -> list[tuple[str, float, float
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=1024)
-    ap.add_argument("--conv-impl", choices=("auto", "xla"), default="auto")
+    ap.add_argument("--conv-impl", choices=CONV_IMPLS, default="auto")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-xla-flags", action="store_true", help="without p2l.xla_flags")
     args = ap.parse_args(argv)

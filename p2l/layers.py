@@ -5,10 +5,11 @@ epsilon, torchvision's conv init, PyTorch's default Linear init, the stem's max 
 names and shapes are those of `nn.Conv` / `nn.BatchNorm`, so checkpoints and
 `p2l.tools.convert_torch` see the same variable tree whichever formulation runs.
 
-`Conv` computes a zero-padded convolution exactly, in the form that suits XLA:CPU: on tiny maps
-(the 2x2 and 1x1 maps of the last stages) as matrix products with a rearranged kernel, 1x1
-kernels as subsampling plus a matrix product, otherwise `lax.conv`. The choice is made at trace
-time from the static shapes; `conv_impl="xla"` keeps `lax.conv` everywhere. `StemKernel` and
+`Conv` computes a zero-padded convolution exactly, in the form that suits XLA:CPU
+(`conv_impl="matmul"`): on tiny maps (the 2x2 and 1x1 maps of the last stages) as matrix products
+with a rearranged kernel, 1x1 kernels as subsampling plus a matrix product, otherwise `lax.conv`.
+The choice is made at trace time from the static shapes; `conv_impl="xla"` keeps `lax.conv`
+everywhere, and "auto" is one of the two by backend (`resolve_conv_impl`). `StemKernel` and
 `BatchNormState` hold the stem's variables for its fused form (`p2l.stem`).
 """
 
@@ -26,8 +27,24 @@ import numpy as np
 # weight of the running average, so 0.9 (spec §3.1).
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
-# How convolutions are computed: "auto" picks the exact fast forms below, "xla" plain lax.conv.
-CONV_IMPLS = ("auto", "xla")
+# How convolutions are computed: "matmul" the exact forms below that are fast on XLA:CPU (and
+# p2l.stem's fused stem), "xla" plain lax.conv, "auto" one of them by backend (resolve_conv_impl).
+CONV_IMPLS = ("auto", "matmul", "xla")
+# jax_default_matmul_precision levels a config may name (`matmul_precision`, experiments/base.py).
+MATMUL_PRECISIONS = ("default", "high", "highest")
+
+
+def resolve_conv_impl(name: str, backend: str | None = None) -> str:
+    """The form "auto" stands for on `backend` (default: JAX's default backend); other names
+    unchanged. The CPU forms were measured only on XLA:CPU (README, "Performance"), where
+    lax.conv collapses on 2x2 and 1x1 maps; on GPU and TPU nothing was measured, so "auto" keeps
+    plain lax.conv there (cuDNN's and the TPU's convolutions have no such known weak spot)."""
+    if name not in CONV_IMPLS:
+        raise ValueError(f"conv_impl must be one of {', '.join(CONV_IMPLS)}, got {name!r}")
+    if name != "auto":
+        return name
+    return "matmul" if (backend or jax.default_backend()) == "cpu" else "xla"
+
 
 # PyTorch's default init for Linear and for the replaced stem conv: kaiming_uniform(a=sqrt(5)),
 # i.e. U(+-1/sqrt(fan_in)) for weights, and bias U(+-1/sqrt(fan_in)).
@@ -117,9 +134,10 @@ def pointwise_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
 class Conv(nn.Module):
     """A square conv with symmetric padding and no bias; parameter `kernel` is HWIO like nn.Conv.
 
-    conv_impl: "auto" uses the exact matmul form when the output map is at most `matmul_max_out`
-    pixels a side (where XLA:CPU's conv and its gradients are slow) and the pointwise form for
-    unpadded 1x1 kernels; "xla" always uses lax.conv.
+    conv_impl: "matmul" uses the exact matmul form when the output map is at most
+    `matmul_max_out` pixels a side (where XLA:CPU's conv and its gradients are slow) and the
+    pointwise form for unpadded 1x1 kernels; "xla" always uses lax.conv; "auto" as
+    `resolve_conv_impl`.
     """
 
     features: int
@@ -137,13 +155,12 @@ class Conv(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features))
         kernel = kernel.astype(self.dtype)
         x = x.astype(self.dtype)
-        if self.conv_impl not in CONV_IMPLS:
-            raise ValueError(f"conv_impl must be 'auto' or 'xla', got {self.conv_impl!r}")
+        impl = resolve_conv_impl(self.conv_impl)
         h = x.shape[1]
         out = (h + 2 * self.padding - k) // self.stride + 1
-        if self.conv_impl == "auto" and k == 1 and self.padding == 0:
+        if impl == "matmul" and k == 1 and self.padding == 0:
             return pointwise_conv(x, kernel, self.stride)
-        if self.conv_impl == "auto" and h == x.shape[2] and out <= self.matmul_max_out:
+        if impl == "matmul" and h == x.shape[2] and out <= self.matmul_max_out:
             return conv_as_matmul(x, kernel, self.stride, self.padding)
         return jax.lax.conv_general_dilated(
             x,

@@ -27,6 +27,7 @@ from p2l.layers import (
     StemKernel,
     batch_norm,
     max_pool_3x3_s2,
+    resolve_conv_impl,
     torch_default_bias_init,
     torch_default_kernel_init,
 )
@@ -82,11 +83,11 @@ class Encoder(nn.Module):
     def stem(self, x, train: bool, mask=None):
         """conv1 -> bn1 -> ReLU -> max pool: 24x24 -> 14x14 -> 7x7 (call from a compact method).
 
-        "auto" computes it in p2l.stem's fused form, "xla" layer by layer; both use the same
-        variables (conv1/kernel, bn1/scale, bn1/bias, batch_stats bn1/mean and bn1/var), so
-        checkpoints and the converter do not depend on the choice.
+        "matmul" computes it in p2l.stem's fused form, "xla" layer by layer ("auto": one of them
+        by backend); both use the same variables (conv1/kernel, bn1/scale, bn1/bias, batch_stats
+        bn1/mean and bn1/var), so checkpoints and the converter do not depend on the choice.
         """
-        if self.conv_impl == "auto":
+        if resolve_conv_impl(self.conv_impl) == "matmul":
             return self._fused_stem(x, train, mask)
         x = Conv(
             64,
@@ -162,15 +163,27 @@ class Patch2Loc(nn.Module):
     detach_variance: the variance head sees stop_gradient(latent) (the "stirn" loss, spec §4).
     mask_N: optional (N,) validity weights; BatchNorm batch statistics use only patches with
     mask > 0, so the zero-weight padding slots of a static-shape batch do not change them.
+    matmul_precision: jax_default_matmul_precision of every product and convolution traced in
+    the forward (the backward's transposes inherit it), wherever the model is applied: training,
+    evaluation and detection all build it with `create_model`. None: JAX's global setting. (The
+    fused stem's custom backward is traced outside; its only products form the gradient of the
+    input patches, which training never uses.)
     """
 
     latent_dim: int = 512
     detach_variance: bool = False
     conv_impl: str = "auto"
     dtype: Any = jnp.float32
+    matmul_precision: str | None = None
+
+    def __call__(self, patches_NxPxPx1, position_N, train: bool = False, mask_N=None):
+        if self.matmul_precision is None:
+            return self._forward(patches_NxPxPx1, position_N, train, mask_N)
+        with jax.default_matmul_precision(self.matmul_precision):
+            return self._forward(patches_NxPxPx1, position_N, train, mask_N)
 
     @nn.compact
-    def __call__(self, patches_NxPxPx1, position_N, train: bool = False, mask_N=None):
+    def _forward(self, patches_NxPxPx1, position_N, train: bool, mask_N):
         conv_mask = bn_mask = None
         if mask_N is not None:
             valid = mask_N > 0
@@ -187,11 +200,14 @@ class Patch2Loc(nn.Module):
 
 
 def create_model(config) -> Patch2Loc:
-    """The model a config describes (`config.model`)."""
+    """The model a config describes (`config.model`, `config.matmul_precision`), its conv_impl
+    resolved for this backend (run_info.json records the same resolution)."""
     return Patch2Loc(
         detach_variance=config.loss.type == "stirn",
-        conv_impl=config.model.conv_impl,
+        conv_impl=resolve_conv_impl(config.model.conv_impl),
         dtype=jnp.dtype(config.model.dtype),
+        # Configs of runs from before the key (read back from run_info.json) ran at JAX's default.
+        matmul_precision=config.get("matmul_precision", "default"),
     )
 
 

@@ -26,7 +26,11 @@ FILENAME = "identity.json"
 # on several test sets; eval.* only shapes the heatmaps). Every other key is part of the identity,
 # keys added later included, so a key nobody classified errs towards a refusal that names it
 # rather than a silently mixed model. model.conv_impl picks between exact forms of the same
-# convolutions (same variables, same results to float rounding).
+# convolutions (same variables, same results to float rounding), and matmul_precision how finely
+# the same products are rounded: a run may resume on another backend, a model be evaluated at
+# another precision. data.build_workers and data.device_slices only say how the same slices are
+# made and fed (the same batches, tested). (A key the stored identity lacks is never compared,
+# `differences`.)
 NOT_IDENTITY = (
     "name",
     "test_sets",
@@ -39,6 +43,9 @@ NOT_IDENTITY = (
     "prefetch",
     "eval",
     "model.conv_impl",
+    "matmul_precision",
+    "data.build_workers",
+    "data.device_slices",
 )
 # Compared as absolute paths. Evaluation does not compare them: the same data may be read from
 # another mount, and the keys that choose the data (modality, fold, data.*) are compared.

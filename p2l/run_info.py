@@ -1,7 +1,8 @@
 """run_info.json: what the latest training start of a run was made with (versions, git SHA,
-devices, the full config, the identity hash), written once the config passed the identity check
-(`p2l.run_identity`). Detection reads its config back, with the identity keys taken from the
-checkpoint's stored identity, which is what the model was trained with.
+devices, the numerics actually used, the full config, the identity hash), written once the config
+passed the identity check (`p2l.run_identity`). Detection reads its config back, with the
+identity keys taken from the checkpoint's stored identity, which is what the model was trained
+with.
 """
 
 from __future__ import annotations
@@ -44,6 +45,20 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+def numerics(config) -> dict:
+    """What the config's numerics settings mean on this backend: the conv form "auto" resolved
+    to (p2l.layers.resolve_conv_impl, as create_model) and the matmul precision."""
+    import jax
+
+    from p2l.layers import resolve_conv_impl
+
+    return {
+        "backend": jax.default_backend(),
+        "conv_impl": resolve_conv_impl(config.model.conv_impl),
+        "matmul_precision": config.get("matmul_precision", "default"),
+    }
+
+
 def describe(config) -> dict:
     import jax
 
@@ -56,6 +71,7 @@ def describe(config) -> dict:
         "devices": [str(d) for d in jax.devices()],
         "device_kind": jax.devices()[0].device_kind,
         "process_count": jax.process_count(),
+        "numerics": numerics(config),
         "config": config.to_dict(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }

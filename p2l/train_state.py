@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from p2l import checkpoint, parallel, patches, run_identity
+from p2l import checkpoint, config_check, parallel, patches, run_identity
 from p2l.config_file import get_dotted
 from p2l.errors import ConfigError, DataError
 from p2l.model import create_model, init_variables
@@ -85,6 +85,7 @@ def restore_variables(config, workdir: str | Path) -> tuple[Any, dict, int]:
         if step is None:
             raise DataError(workdir, "no checkpoint found: train first (make train CONFIG=...)")
         check_trained_like(config, workdir, step)
+        config_check.check_numerics(config)  # detection reads its config from the run folder
         model = create_model(config)
         tx = make_optimizer(config)
         like = create_train_state(config, model, tx, jax.random.key(0))

@@ -10,6 +10,13 @@ The flags only exist in the XLA of the pinned version (XLA aborts on an unknown 
 are added only there; a flag the user already set in $XLA_FLAGS is never overridden. They must
 be in the environment before JAX creates its CPU backend (the first jax.devices() or
 computation): entry points call `apply()` first thing.
+
+On GPU and TPU the flag should be inert: it is a field of XLA's DebugOptions, whose flags every
+backend built from the same XLA parses (jax[cuda12]==0.10.2's plugin included), and only the
+XLA:CPU compiler reads it (`make gpu-check` applies it, so a GPU run would show otherwise).
+JAX still creates a CPU backend beside an accelerator, so the flag cannot be tied to the default
+backend (unknown before the backends start); it is skipped only when $JAX_PLATFORMS names
+platforms and "cpu" is not among them.
 """
 
 from __future__ import annotations
@@ -26,6 +33,9 @@ PINNED_JAX = "0.10.2"
 def apply() -> list[str]:
     """Adds CPU_FLAGS to $XLA_FLAGS unless already set there; returns the flags added."""
     if jax.__version__ != PINNED_JAX:
+        return []
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if platforms and "cpu" not in {p.strip() for p in platforms.lower().split(",")}:
         return []
     current = os.environ.get("XLA_FLAGS", "")
     added = [f for f in CPU_FLAGS if f.split("=")[0] not in current]

@@ -37,6 +37,9 @@ def test_bench_prints_one_json_line_with_every_figure(capsys):
     p = r["pipeline"]
     assert p["read_slices"] == 2 * 48 and p["read_slices_per_s"] > 0
     assert p["batch_slices"] == 3 * 2 and p["batch_slices_per_s"] > 0
+    feed = r["feed"]
+    assert feed["host_slices_per_s"] > 0 and feed["device_slices_per_s"] > 0
+    assert feed["step_s_median"] == tr["step_s_median"] and feed["batches_timed"] == 3
 
 
 def test_bench_rejects_bad_sizes(capsys):
