@@ -2,6 +2,7 @@
 #   make demo                       main job on the embedded default (no download, no GPU)
 #   make test                       the test suite (CPU)
 #   make train CONFIG=experiments/brats.py ARGS="--config.data_root=... --config.splits_dir=..."
+#   make gpu-check                  on a lent GPU machine: tests, speed and memory in one JSON line
 # GPU machines: make venv JAX_EXTRA=cuda12   (installs jax[cuda12] with the same pins)
 
 PYTHON ?= python3
@@ -9,13 +10,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 JAX_EXTRA ?=
 CONFIG ?= experiments/demo.py
-WORKDIR ?= runs/$(basename $(notdir $(subst :,_,$(CONFIG))))
+# Named after config.name (+ _variant), so configs of one model share its run: brats.py and
+# mslub.py are both the T2 run, runs/t2 (p2l.tools.workdir).
+WORKDIR ?= $(shell $(PY) -m p2l.tools.workdir $(CONFIG))
 ARGS ?=
 export PYTHONPATH := $(CURDIR)
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo test test-slow lint format train eval prepare sweep tables bench bench-compare bench-layers clean-demo
+.PHONY: venv demo test test-slow lint format train eval prepare sweep tables bench bench-compare bench-layers scale-check gpu-check clean-demo
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -71,6 +74,25 @@ bench-compare: venv
 
 bench-layers: venv
 	$(PY) -m benchmarks.layer_probe $(ARGS)
+
+# Full-size synthetic data (192x192x100): build reuse, evaluation memory for N and 5N volumes,
+# host/device seconds per volume, input pipeline vs step; one JSON line (benchmarks/scale_check.py).
+scale-check: venv
+	$(PY) -m benchmarks.scale_check $(ARGS)
+
+# A bare GPU machine (the repository alone): its own venv with only what benchmarks.gpu_check
+# imports, at requirements.txt's pins; no TensorFlow, no data. GPU_JAX=jax checks it on a CPU.
+GPU_VENV ?= .venv-gpu
+GPU_JAX ?= jax[cuda12]
+GPU_PACKAGES := flax optax orbax-checkpoint etils ml_collections numpy scipy pytest
+$(GPU_VENV)/.installed: requirements.txt
+	test -x $(GPU_VENV)/bin/python || $(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install --quiet "$(GPU_JAX)==$$(grep '^jax==' requirements.txt | cut -d= -f3)" \
+		$$(for p in $(GPU_PACKAGES); do grep -i "^$$p==" requirements.txt; done)
+	touch $@
+
+gpu-check: $(GPU_VENV)/.installed
+	$(GPU_VENV)/bin/python -m benchmarks.gpu_check $(ARGS)
 
 RUNS ?= runs
 tables: venv

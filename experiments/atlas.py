@@ -1,20 +1,14 @@
-"""Patch2Loc on ATLAS v2 (T1): IXI T1 training fold `fold`, evaluation on ATLAS_v2 (spec §1, §3.3).
-
-Reproduces the paper's ATLAS_v2 column (Dice per threshold policy, AUPRC, AUROC; mean ± std over
-folds 0-4). Command (one fold):
+"""The paper's ATLAS v2 column: the T1 run of experiments/t1.py (one T1 model per fold, evaluated on
+ATLAS v2 and WMH, as the reference; spec §1).
 
     make train CONFIG=experiments/atlas.py \
         ARGS="--config.data_root=/data/p2l --config.splits_dir=/data/splits"
 
-Hardware: one GPU, 15,000 steps of ~11.5 k valid patches.
-CPU smoke run: CONFIG=experiments/atlas.py:tiny.
+trains that fold's T1 model in runs/t1, or, when it is trained already (by t1.py or its other
+column's config), says so instead of training
+another; `make eval` evaluates it on both sets. CPU smoke run: CONFIG=experiments/atlas.py:tiny.
 """
 
-from experiments import base
+from experiments.t1 import get_config, sweep
 
-
-def get_config(variant: str = ""):
-    return base.paper_config("atlas", "t1", ("ATLAS_v2",), variant)
-
-
-sweep = base.five_folds
+__all__ = ["get_config", "sweep"]

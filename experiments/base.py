@@ -28,6 +28,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.image_shape = (192, 192, 100)  # tio.CropOrPad target (H, W, axial slices)
     c.data.expected_spacing = 1.0  # mm; preprocessed volumes are 1 mm isotropic (spec §2.1)
+    # Processes normalising scans when a slice build is made (once per dataset, shared by folds
+    # and configs: p2l.builds); 0 = one per core, at most 8.
+    c.data.build_workers = 0
+    # Training slices: "device" keeps the train fold on every accelerator and gathers each step
+    # there, "host" streams batches from host memory, "auto" picks (p2l.device_slices.choose).
+    c.data.device_slices = "auto"
 
     # Patch sampling (spec §3.2).
     c.sampling = ml_collections.ConfigDict()
@@ -40,8 +46,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.sampling.capacity_fraction = 0.6
 
     c.model = ml_collections.ConfigDict()
-    c.model.conv_impl = "auto"  # "auto": exact matmul form on 2x2/1x1 maps (fast on CPU); "xla"
+    # "auto": "matmul" on CPU (exact matrix-product forms on 2x2/1x1 maps and the fused stem,
+    # measured faster on XLA:CPU), "xla" (plain lax.conv) on GPU/TPU, where nothing was measured.
+    c.model.conv_impl = "auto"
     c.model.dtype = "float32"  # compute dtype of the training forward (reference: fp32)
+
+    # Precision of float32 products and convolutions on accelerators (no effect on CPU), for
+    # training, evaluation and detection: "default" (GPU: TF32 tensor cores; TPU: one bfloat16
+    # pass), "high" (GPU: TF32; TPU: 3 bfloat16 passes), "highest" (full float32). "default" is
+    # what the reference's own numbers come from on an Ampere+ GPU: its convolutions, nearly all
+    # of the network's arithmetic, run in TF32 there (torch.backends.cudnn.allow_tf32 is True by
+    # default); only its small MLP heads' matmuls stay float32 (allow_tf32 False for matmuls).
+    # It is also JAX's default, so runs started before this key keep their numerics.
+    c.matmul_precision = "default"
 
     c.loss = ml_collections.ConfigDict()
     c.loss.type = "beta_nll"  # beta_nll | stirn | mse (spec §4)
@@ -72,6 +89,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.max_volumes = 0  # 0 = all volumes of each test set
     c.eval.max_healthy_volumes = 0  # 0 = all healthy volumes of eval.healthy_split
     c.eval.num_figures = 3  # overlay figures of the first volumes of each set
+    # Host threads post-processing and scoring volumes while the devices compute the next
+    # heatmaps (p2l.eval_stream; ~3 volumes per worker in memory); 0 = the CPUs available.
+    c.eval.workers = 0
     return c
 
 
@@ -99,7 +119,7 @@ def paper_config(name: str, modality: str, test_sets: tuple[str, ...], variant: 
     if variant == "tiny":
         c = tiny(c)
     elif variant:
-        raise ValueError(f"unknown variant {variant!r} of experiments/{name}.py (known: 'tiny')")
+        raise ValueError(f"unknown variant {variant!r} (known: 'tiny')")
     return c
 
 

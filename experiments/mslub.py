@@ -1,20 +1,14 @@
-"""Patch2Loc on MSLUB (T2): IXI T2 training fold `fold`, evaluation on MSLUB (spec §1, §3.3).
-
-Reproduces the paper's MSLUB column (Dice per threshold policy, AUPRC, AUROC; mean ± std over
-folds 0-4). Command (one fold):
+"""The paper's MSLUB column: the T2 run of experiments/t2.py (one T2 model per fold, evaluated on
+BraTS21 and MSLUB, as the reference; spec §1).
 
     make train CONFIG=experiments/mslub.py \
         ARGS="--config.data_root=/data/p2l --config.splits_dir=/data/splits"
 
-Hardware: one GPU, 15,000 steps of ~11.5 k valid patches.
-CPU smoke run: CONFIG=experiments/mslub.py:tiny.
+trains that fold's T2 model in runs/t2, or, when it is trained already (by t2.py or its other
+column's config), says so instead of training
+another; `make eval` evaluates it on both sets. CPU smoke run: CONFIG=experiments/mslub.py:tiny.
 """
 
-from experiments import base
+from experiments.t2 import get_config, sweep
 
-
-def get_config(variant: str = ""):
-    return base.paper_config("mslub", "t2", ("MSLUB",), variant)
-
-
-sweep = base.five_folds
+__all__ = ["get_config", "sweep"]

@@ -24,11 +24,13 @@ _LISTED = 12
 
 
 def _config_files(folder: Path) -> list[str]:
-    """Names of the .py files in `folder` that define get_config() (what a user can pass)."""
+    """Names of the .py files in `folder` that define or import get_config() (what a user can
+    pass; experiments/brats.py imports t2.py's)."""
     names = []
     for path in sorted(folder.glob("*.py")):
         try:
-            if "def get_config" in path.read_text(errors="replace"):
+            text = path.read_text(errors="replace")
+            if "def get_config" in text or "import get_config" in text:
                 names.append(path.name)
         except OSError:
             continue
@@ -80,7 +82,10 @@ def _load(spec: str) -> tuple[ModuleType, str, ml_collections.ConfigDict]:
     try:
         config = module.get_config(variant) if variant else module.get_config()
     except ValueError as err:  # the configs' answer to an unknown ':variant'; kept, on one line
-        raise ConfigError("config", " ".join(str(err).split())) from None
+        message = " ".join(str(err).split())
+        # experiments/brats.py's get_config is t2.py's: name the file the user gave.
+        borrowed = getattr(module.get_config, "__module__", None) != module.__name__
+        raise ConfigError("config", f"{path}: {message}" if borrowed else message) from None
     return module, variant, config
 
 

@@ -32,7 +32,7 @@ def test_misspelt_file_lists_the_configs_of_its_folder(in_repo):
     assert _message("experiments/demoo.py") == (
         "config.config: experiments/demoo.py: no such config file; did you mean "
         "experiments/demo.py? configs there: atlas.py, brats.py, demo.py, mslub.py, "
-        "real_check.py, wmh.py"
+        "real_check.py, t1.py, t2.py, wmh.py"
     )
     assert _message("experimentz/demo.py:tiny").endswith(
         "no such config file (no folder experimentz/)"
@@ -53,7 +53,9 @@ def test_unknown_variant_keeps_the_configs_message_on_one_line(in_repo):
     assert _message("experiments/demo.py:tinny") == (
         "config.config: unknown variant 'tinny' of experiments/demo.py (known: 'tiny')"
     )
-    assert "unknown variant 'smal' of experiments/brats.py" in _message("experiments/brats.py:smal")
+    assert _message("experiments/brats.py:smal") == (
+        "config.config: experiments/brats.py: unknown variant 'smal' (known: 'tiny')"
+    )
     config_file.check_config_spec("experiments/demo.py:tiny")  # valid: silent
     assert config_file.load_config("experiments/demo.py:tiny").num_steps == 12
 

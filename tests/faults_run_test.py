@@ -179,11 +179,16 @@ def _write(path: Path, payload) -> None:
     path.write_text(payload if isinstance(payload, str) else json.dumps(payload))
 
 
-def _fake_workdir(workdir: Path, steps, evaluated, num_steps=12, status=None, name="demo"):
+def _fake_workdir(
+    workdir: Path, steps, evaluated, num_steps=12, status=None, name="demo", identity=None
+):
     for step in steps:
         (workdir / "checkpoints" / str(step)).mkdir(parents=True)
     config = {"name": name, "num_steps": num_steps, "test_sets": ["Synth"]}
-    _write(workdir / "run_info.json", {"config": config})
+    info = {"config": config}
+    if identity:
+        info["identity"] = {"hash": identity, "from_step": 1}
+    _write(workdir / "run_info.json", info)
     if evaluated is not None:
         metrics = {"dice[oracle]": {"mean": 0.5}, "auroc": {"mean": 0.9}}
         summary = {"checkpoint_step": evaluated, "sets": {"Synth": {"metrics": metrics}}}
@@ -251,6 +256,38 @@ def test_tables_count_finished_runs_only_and_name_a_corrupt_summary(tmp_path, ca
     assert "| demo | Synth | 1 |" in out and "## Not counted" in out
     assert "Traceback" not in out and "summary.json: corrupt" in out
     assert "## Not counted" in (root / "tables.md").read_text()
+
+
+def test_tables_count_one_model_once_and_say_how_many_runs_a_row_averages(tmp_path, capsys):
+    root = tmp_path / "runs"
+    # runs/t2 of `make train` and runs/t2/fold=0 of a sweep: one model (same identity).
+    _fake_workdir(root / "t2", [12], 12, name="t2", identity="aaaa")
+    _fake_workdir(root / "t2" / "fold=0", [12], 12, name="t2", identity="aaaa")
+    _fake_workdir(root / "t2" / "fold=1", [12], 12, name="t2", identity="bbbb")
+    os.utime(root / "t2" / "results" / "summary.json", (1, 1))  # evaluated earlier
+    collected, problems = tables.collect(root)
+    assert collected["runs"]["t2"]["Synth"] == [str(root / "t2" / "fold=0"),
+                                                str(root / "t2" / "fold=1")]  # fmt: skip
+    assert problems == [
+        f"{root / 't2'}: the same model as {root / 't2' / 'fold=0'} (identity aaaa); counted once"
+    ]
+    markdown, _ = tables.render(collected, problems)
+    assert "| t2 | Synth | 2 |" in markdown and "counted once" in markdown
+
+
+def test_tables_say_which_volumes_each_protocol_is_on(tmp_path):
+    root = tmp_path / "runs"
+    _fake_workdir(root / "fold=0", [12], 12, identity="a")
+    path = root / "fold=0" / "results" / "summary.json"
+    summary = json.loads(path.read_text())
+    summary["sets"]["Synth"]["protocols"] = {
+        "reference": {"policies": ["oracle", "healthy_q98"], "volumes": 12},
+        "behrendt": {"policies": ["validation"], "volumes": 10, "excluded_validation_subjects": 2},
+    }
+    path.write_text(json.dumps(summary))
+    markdown, _ = tables.render(*tables.collect(root))
+    assert ("- demo / Synth: behrendt: 10 volumes (2 validation subjects of the test CSV "
+            "excluded); reference: 12 volumes") in markdown  # fmt: skip
 
 
 # -- end to end, through p2l.main (slow) ---------------------------------------------------------

@@ -7,7 +7,10 @@ setting). Runs are grouped by config name; for each dataset the table gives the 
 runs of each run's mean over volumes (Dice per threshold policy, AUPRC, AUROC, in %). Only
 finished runs count (last step checkpointed and evaluated: p2l.run_status); the others
 (unfinished, interrupted, failed, unreadable files) and summaries lacking a dataset are listed
-apart under "Not counted", never averaged over.
+apart under "Not counted", never averaged over. A model is counted once: run folders with the
+same identity (p2l.run_identity: the same config, fold, seed and data, e.g. `runs/t2` from
+`make train` and `runs/t2/fold=0` from a sweep) count as one, the most recently evaluated, and
+the others are listed under "Not counted". The `runs` column says how many runs a row averages.
 """
 
 from __future__ import annotations
@@ -38,9 +41,11 @@ def collect(root: Path) -> tuple[dict, list[str]]:
     columns: dict[str, str] = {}  # headline metrics of all runs, in order (key -> header)
     quantiles: set[float] = set()
     problems = []
+    finished = []  # (run, name, config, state)
     for run in find_runs(root):
         try:
-            config = run_status.read_json(run / "run_info.json").get("config", {})
+            info = run_status.read_json(run / "run_info.json")
+            config = info.get("config", {})
             state = run_status.run_state(run, int(config.get("num_steps", 0)))
         except DataError as err:
             problems.append(str(err))
@@ -57,6 +62,9 @@ def collect(root: Path) -> tuple[dict, list[str]]:
         if not state.finished:
             problems.append(f"{run}: {state.label}")
             continue
+        finished.append((run, name, config, state, (info.get("identity") or {}).get("hash")))
+    volumes: dict = defaultdict(lambda: defaultdict(set))  # (name, dataset) -> protocol counts
+    for run, name, config, state in _counted_once(finished, problems):
         try:
             rows = _summary_rows(state.summary, config.get("test_sets", []))
         except (KeyError, TypeError, ValueError, AttributeError) as err:
@@ -72,8 +80,40 @@ def collect(root: Path) -> tuple[dict, list[str]]:
             runs[name][dataset].append(str(run))
             for key, value in means.items():
                 table[name][dataset][key].append(value)
-    collected = {"table": table, "runs": runs, "columns": columns, "quantiles": sorted(quantiles)}
+            for protocol, found in state.summary["sets"][dataset].get("protocols", {}).items():
+                volumes[name][dataset].add(
+                    (protocol, found.get("volumes"), found.get("excluded_validation_subjects", 0))
+                )
+    collected = {"table": table, "runs": runs, "columns": columns, "quantiles": sorted(quantiles),
+                 "protocols": volumes}  # fmt: skip
     return collected, problems
+
+
+def _evaluated_at(run: Path) -> float:
+    try:
+        return (run / run_status.SUMMARY).stat().st_mtime
+    except OSError:
+        return float("-inf")
+
+
+def _counted_once(finished: list[tuple], problems: list[str]) -> list[tuple]:
+    """(run, name, config, state) of finished runs, one per identity: the latest evaluated.
+
+    The identity hash (p2l.run_identity, recorded in run_info.json) covers the config keys that
+    define a model, fold, seed and data included: two folders with the same hash hold the same
+    model, e.g. `runs/t2` of `make train` and `runs/t2/fold=0` of a sweep.
+    """
+    groups: dict = defaultdict(list)
+    for entry in finished:
+        run, name, config, state, identity = entry
+        groups[(name, identity) if identity else (name, str(run))].append(entry)
+    kept = []
+    for (_, identity), same in groups.items():
+        latest = max(same, key=lambda e: _evaluated_at(e[0]))
+        kept.append(latest[:4])
+        problems += [f"{e[0]}: the same model as {latest[0]} (identity {identity}); counted once"
+                     for e in same if e is not latest]  # fmt: skip
+    return sorted(kept, key=lambda e: str(e[0]))
 
 
 def _summary_rows(summary: dict, expected) -> tuple[float, dict, dict]:
@@ -128,6 +168,14 @@ def render(collected: dict, problems: list[str] = ()) -> tuple[str, str]:
         "Mean ± std over runs (folds/seeds) of each run's mean over volumes, in %. "
         + " ".join(results_summary.legend(q) for q in collected["quantiles"] or [HEALTHY_QUANTILE])
     )
+    notes = _protocol_notes(collected.get("protocols", {}))
+    if notes:
+        md += [
+            "",
+            "Volumes per protocol (p2l.protocols; val-tuned Dice is on the Behrendt one):",
+            "",
+        ]
+        md += notes
     if problems:
         md += [
             "",
@@ -138,6 +186,21 @@ def render(collected: dict, problems: list[str] = ()) -> tuple[str, str]:
         ]
         md += [f"- {p}" for p in problems]
     return "\n".join(md), buf.getvalue()
+
+
+def _protocol_notes(protocols: dict) -> list[str]:
+    """One line per (config, dataset): the volumes each protocol's numbers are on."""
+    lines = []
+    for name, datasets in sorted(protocols.items()):
+        for dataset, entries in sorted(datasets.items()):
+            parts = []
+            for protocol, n, excluded in sorted(entries, key=lambda e: (e[0], e[1] or 0)):
+                text = f"{protocol}: {n} volumes"
+                if excluded:
+                    text += f" ({excluded} validation subjects of the test CSV excluded)"
+                parts.append(text)
+            lines.append(f"- {name} / {dataset}: " + "; ".join(parts))
+    return lines
 
 
 def main(argv=None) -> int:
