@@ -65,7 +65,9 @@ def progress_line(step: int, total: int, scalars: dict, steps_per_s: float, patc
         f"step {step}/{total}",
         f"loss {scalars.get('loss', float('nan')):.4f}",
     ]
-    if "val_loss" in scalars:
+    if scalars.get("val_valid_patches", 1) == 0:
+        parts.append("val n/a (no valid patch in the drawn validation slices)")
+    elif "val_loss" in scalars:
         parts.append(f"val {scalars['val_loss']:.4f}")
     parts += [
         f"valid patches {scalars.get('valid_patches', 0):,.0f}",

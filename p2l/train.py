@@ -188,7 +188,9 @@ def make_eval_step(model, config, geometry: StepGeometry, mesh):
     def eval_step(state: TrainState, batch: dict, key: jax.Array):
         pb = _sample(sampler, jax.random.fold_in(key, 1), batch)
         loss, (_, aux) = _forward_loss(model, config, state.params, state.batch_stats, pb, False)
-        return {"val_loss": loss, "val_mae": aux["mae"], "val_mean_logvar": aux["mean_logvar"]}
+        return {"val_loss": loss, "val_mae": aux["mae"], "val_mean_logvar": aux["mean_logvar"],
+                # 0 when every drawn validation slice misses the brain: the loss is then 0/0.
+                "val_valid_patches": jnp.sum(pb.weight)}  # fmt: skip
 
     repl = parallel.replicated(mesh)
     return jax.jit(
