@@ -81,19 +81,11 @@ def choose(setting: str, bank_size: int, devices) -> tuple[str, str]:
 
 
 @dataclass
-class DeviceBank:
+class DeviceBank(input_pipeline.BankShape):
     """The bank's arrays replicated on every device of a mesh."""
 
     image: jax.Array
     mask_one: jax.Array
-
-    @property
-    def num_rows(self) -> int:
-        return self.image.shape[0]
-
-    @property
-    def num_slices(self) -> int:
-        return self.image.shape[1]
 
 
 def place(bank: input_pipeline.SliceBank, mesh: Mesh) -> DeviceBank:

@@ -30,13 +30,10 @@ from p2l.errors import ConfigError
 tf.config.set_visible_devices([], "GPU")
 
 
-@dataclass
-class SliceBank:
-    """All slices of a split, row-major: image*mask and (mask == 1), each (R, D, H, W)."""
+class BankShape:
+    """Rows and slices per row of a bank whose `image` is (R, D, H, W), on host or device."""
 
     image: np.ndarray
-    mask_one: np.ndarray
-    subject_ids: list[str]
 
     @property
     def num_rows(self) -> int:
@@ -45,6 +42,15 @@ class SliceBank:
     @property
     def num_slices(self) -> int:
         return self.image.shape[1]
+
+
+@dataclass
+class SliceBank(BankShape):
+    """All slices of a split, row-major: image*mask and (mask == 1), each (R, D, H, W)."""
+
+    image: np.ndarray
+    mask_one: np.ndarray
+    subject_ids: list[str]
 
 
 def build_dataset(config) -> Builds:

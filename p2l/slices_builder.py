@@ -33,7 +33,7 @@ from tqdm import tqdm
 from p2l import build_inputs, disk_check
 from p2l.errors import ConfigError, DataError
 from p2l.normalization import load_subject
-from p2l.splits import SplitRow
+from p2l.splits import SplitRow, check_files_exist
 
 # tfds looks for prepared datasets and their DatasetInfo on gs://tfds-data when it constructs a
 # builder; the data here is private and the machines may be offline, so never ask.
@@ -312,14 +312,11 @@ def build_slices(**kwargs) -> Patch2LocSlices:
 def _check_inputs_exist(builder: Patch2LocSlices) -> None:
     if not Path(builder._inputs.data_root).is_dir():
         raise DataError(builder._inputs.data_root, "data root folder not found")
-    missing = [p for p in builder.input_files() if not os.path.isfile(p)]
-    if missing:
-        listed = "\n  ".join(missing[:5])
-        raise DataError(
-            builder._inputs.data_root,
-            f"{len(missing)} file(s) of the {builder._inputs.dataset} build do not exist; "
-            f"first {min(len(missing), 5)}:\n  {listed}",
-        )
+    check_files_exist(
+        builder.input_files(),
+        builder._inputs.data_root,
+        f"of the {builder._inputs.dataset} build do not exist",
+    )
 
 
 @dataclass

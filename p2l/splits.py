@@ -134,20 +134,22 @@ def _rows(
 
 
 def _check_files_exist(rows: list[SplitRow], csv_path: Path, root: Path) -> None:
-    missing: list[str] = []
-    seen: set[str] = set()
-    for row in rows:
-        for path in (row.image_path, row.mask_path, row.seg_path):
-            if path is not None and path not in seen:
-                seen.add(path)
-                if not os.path.isfile(path):
-                    missing.append(path)
+    paths = [p for row in rows for p in (row.image_path, row.mask_path, row.seg_path) if p]
+    check_files_exist(
+        paths, csv_path, f"named in this split do not exist under the data root {root}"
+    )
+
+
+def check_files_exist(paths, where, what: str) -> None:
+    """DataError at `where` listing the first missing of `paths` (each checked once): "<n>
+    file(s) <what>; first <k>: ..." (the split readers and the slice build)."""
+    missing = [p for p in dict.fromkeys(paths) if not os.path.isfile(p)]
     if missing:
         listed = "\n  ".join(missing[:_MAX_LISTED_MISSING])
         raise DataError(
-            csv_path,
-            f"{len(missing)} file(s) named in this split do not exist under the data root "
-            f"{root}; first {min(len(missing), _MAX_LISTED_MISSING)}:\n  {listed}",
+            where,
+            f"{len(missing)} file(s) {what}; first {min(len(missing), _MAX_LISTED_MISSING)}:"
+            f"\n  {listed}",
         )
 
 
