@@ -1,10 +1,15 @@
 """Per-dataset readers of the providers' raw layouts, and the output layout (spec §1.1, §1.2, §2.1).
 
-Raw layouts recognised (RAW is searched recursively):
+Raw layouts recognised (RAW is searched recursively, following symbolic links to folders):
 - ixi: `IXI<nnn>-<Site>-<nnnn>-T1.nii.gz` / `-T2.nii.gz`, extracted or still inside the provider's
-  `IXI-T1.tar` / `IXI-T2.tar` (extracted files win over tar members).
+  `IXI-T1.tar` / `IXI-T2.tar` (extracted files win over tar members); also `_T1.nii.gz` (the 2 mm
+  Hammersmith copies of NiChart) with `<id>_T1_DLMUSE.nii.gz` anywhere under RAW as the subject's
+  given brain mask (a DLMUSE parcellation: a model's output, a pseudo-label).
 - brats21: case folders `BraTS2021_<nnnnn>/` with `<case>_t1`, `_t2`, `_seg` `.nii.gz` (BraTS 2023
   names `-t1n`, `-t2w`, `-seg` are accepted too). Already skull-stripped.
+- brats15: DeepMedic's BraTS 2015 examples, case folders `brats_*/` with z-scored
+  `T1c_subtrMeanDivStd`, `Flair_subtrMeanDivStd`, `brainmask` (the given mask, which `auto` uses)
+  and `OTMultiClass` (labels 1-4) `.nii.gz`; modalities t1c, flair; subject id = folder name.
 - mslub: folders `patient<nn>/` holding `[patient<nn>_]T1W`, `T2W`, `consensus_gt` `.nii.gz` (the
   Ljubljana release) or the open_ms_data derivatives `T1_...`, `T2_...`, `GOLD_STANDARD_...`; the
   `_brain_` derivatives are already skull-stripped.
@@ -27,88 +32,19 @@ Segmentation labels: every label > 0 is lesion (the reference's `seg > 0`, spec 
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
 import os
 import re
-import shutil
-import tarfile
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_prep.sources import Source, Subject, _tar_index, group_subjects, list_files
 from p2l.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
 _NII = r"\.nii(?:\.gz)?"
-
-
-@functools.lru_cache(maxsize=8)
-def _tar_index(path: str) -> dict[str, tuple[int, int]]:
-    """Member name -> (size, mtime) of a tar archive, read once (IXI tars hold ~600 scans)."""
-    try:
-        with tarfile.open(path) as archive:
-            return {m.name: (m.size, int(m.mtime)) for m in archive.getmembers() if m.isfile()}
-    except (tarfile.TarError, OSError, EOFError) as err:
-        raise DataError(path, f"cannot read the tar archive: {err}") from err
-
-
-@dataclass(frozen=True)
-class Source:
-    """A raw input file: a path, or a member of a tar archive at `path`."""
-
-    path: str
-    member: str | None = None
-
-    def describe(self) -> str:
-        """Human-readable location, used in errors and the manifest."""
-        return self.path if self.member is None else f"{self.path}::{self.member}"
-
-    def identity(self) -> dict:
-        """Cheap change detector (path, size, mtime) for restart decisions."""
-        if self.member is None:
-            stat = os.stat(self.path)
-            return {"path": self.path, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-        size, mtime = _tar_index(self.path)[self.member]
-        return {"path": self.path, "member": self.member, "size": size, "mtime": mtime}
-
-    @contextlib.contextmanager
-    def local_file(self) -> Iterator[Path]:
-        """A readable file path; tar members are extracted to a temporary folder first."""
-        if self.member is None:
-            if not os.path.isfile(self.path):
-                raise DataError(self.path, "input file not found (was it moved during the run?)")
-            yield Path(self.path)
-            return
-        with tempfile.TemporaryDirectory(prefix="p2l_tar_") as tmp:
-            target = Path(tmp) / Path(self.member).name
-            try:
-                with tarfile.open(self.path) as archive:
-                    handle = archive.extractfile(self.member)
-                    if handle is None:
-                        raise DataError(self.describe(), "tar member is not a regular file")
-                    with handle, open(target, "wb") as out:
-                        shutil.copyfileobj(handle, out)
-            except (tarfile.TarError, OSError, EOFError) as err:
-                raise DataError(
-                    self.describe(), f"cannot extract from the tar archive: {err}"
-                ) from err
-            yield target
-
-
-@dataclass(frozen=True)
-class Subject:
-    """One subject of a raw dataset: its scans per modality, its lesion mask, known problems."""
-
-    subject_id: str
-    images: dict[str, Source]
-    seg: Source | None = None
-    # Why (part of) the subject cannot be prepared: reported as a failure, never dropped silently.
-    problems: tuple[str, ...] = ()
-    already_stripped: bool = False
 
 
 @dataclass(frozen=True)
@@ -125,6 +61,10 @@ class DatasetSpec:
     modality_optional: bool
     discover: Callable[[Path], list[Subject]] = field(repr=False)
     layout_help: str = ""
+    # The brain mask file `--skull-strip given-mask` expects for a subject ({id}: subject id).
+    given_mask_help: str = ""
+    # Sources are z-scored (negative inside the brain): shifted positive before N4 (deviation).
+    zscored: bool = False
 
 
 def output_paths(root: Path, spec: DatasetSpec, subject_id: str, modality: str) -> dict[str, Path]:
@@ -148,21 +88,24 @@ def shared_paths(root: Path, spec: DatasetSpec, subject_id: str) -> dict[str, Pa
     return paths
 
 
-def _files(raw: Path) -> list[Path]:
-    return sorted(p for p in raw.rglob("*") if p.is_file() and not p.name.startswith("."))
-
-
 # --- IXI ------------------------------------------------------------------------------------------
-_IXI = re.compile(rf"^(IXI\d{{3}}-[A-Za-z]+-\d{{4}})-(T1|T2){_NII}$")
+# The provider names `IXI013-HH-1212-T1.nii.gz`; the NiChart 2 mm Hammersmith copies use `_T1`.
+_IXI = re.compile(rf"^(IXI\d{{3}}-[A-Za-z]+-\d{{4}})[-_](T1|T2){_NII}$")
+_IXI_DLMUSE = re.compile(rf"^(IXI\d{{3}}-[A-Za-z]+-\d{{4}})_T1_DLMUSE{_NII}$")
+_DLMUSE_NOTE = "DLMUSE parcellation label > 0: a model's output, pseudo-label"
 
 
 def discover_ixi(raw: Path) -> list[Subject]:
-    """IXI subjects from extracted files and/or the provider's tar archives."""
+    """IXI subjects from extracted files and/or the provider's tar archives; a
+    `<id>_T1_DLMUSE.nii.gz` anywhere under RAW is that subject's given brain mask."""
     extracted: dict[tuple[str, str], list[Source]] = {}
     archived: dict[tuple[str, str], list[Source]] = {}
-    for path in _files(raw):
+    masks: dict[str, list[Source]] = {}
+    for path in list_files(raw):
         match = _IXI.match(path.name)
-        if match:
+        if (dlmuse := _IXI_DLMUSE.match(path.name)) is not None:
+            masks.setdefault(dlmuse.group(1), []).append(Source(str(path)))
+        elif match:
             key = (match.group(1), match.group(2).lower())
             extracted.setdefault(key, []).append(Source(str(path)))
         elif path.name.endswith((".tar", ".tar.gz", ".tgz")):
@@ -177,41 +120,7 @@ def discover_ixi(raw: Path) -> list[Subject]:
             "%d IXI scans exist both extracted and in a tar: using the extracted files", len(both)
         )
     chosen = {**archived, **extracted}
-    return _group(chosen, already_stripped=False)
-
-
-def _group(
-    found: dict[tuple[str, str], list[Source]],
-    already_stripped: bool | Callable[[Source], bool],
-    segs: dict[str, list[Source]] | None = None,
-) -> list[Subject]:
-    ids = sorted({sid for sid, _ in found} | set(segs or {}))
-    subjects = []
-    for sid in ids:
-        images, problems = {}, []
-        for (other, modality), sources in sorted(found.items()):
-            if other != sid:
-                continue
-            if len(sources) > 1:
-                listed = ", ".join(s.describe() for s in sources)
-                problems.append(f"{modality}: {len(sources)} candidate files ({listed})")
-            else:
-                images[modality] = sources[0]
-        seg = None
-        if segs is not None:
-            candidates = segs.get(sid, [])
-            if len(candidates) > 1:
-                listed = ", ".join(s.describe() for s in candidates)
-                problems.append(f"seg: {len(candidates)} candidate files ({listed})")
-            elif candidates:
-                seg = candidates[0]
-        stripped = (
-            already_stripped
-            if isinstance(already_stripped, bool)
-            else any(already_stripped(s) for s in images.values())
-        )
-        subjects.append(Subject(sid, images, seg, tuple(problems), stripped))
-    return subjects
+    return group_subjects(chosen, False, masks=masks, mask_note=_DLMUSE_NOTE)
 
 
 # --- BraTS 2021 -----------------------------------------------------------------------------------
@@ -223,7 +132,7 @@ def discover_brats21(raw: Path) -> list[Subject]:
     """BraTS case folders: `<case>/<case>_{t1,t2,seg}.nii.gz` (or BraTS 2023 `-t1n/-t2w/-seg`)."""
     found: dict[tuple[str, str], list[Source]] = {}
     segs: dict[str, list[Source]] = {}
-    for path in _files(raw):
+    for path in list_files(raw):
         match = _BRATS.match(path.name)
         if not match or match.group("role") not in _BRATS_ROLES:
             continue
@@ -232,7 +141,38 @@ def discover_brats21(raw: Path) -> list[Subject]:
             segs.setdefault(sid, []).append(Source(str(path)))
         else:
             found.setdefault((sid, role), []).append(Source(str(path)))
-    return _group(found, already_stripped=True, segs=segs)
+    return group_subjects(found, already_stripped=True, segs=segs)
+
+
+# --- BraTS 2015 (DeepMedic examples) -------------------------------------------------------------
+_BRATS15_DIR = re.compile(r"^brats_.+")
+_BRATS15_ROLES = {
+    "t1c": re.compile(rf"^T1c(?:_subtrMeanDivStd)?{_NII}$", re.IGNORECASE),
+    "flair": re.compile(rf"^Flair(?:_subtrMeanDivStd)?{_NII}$", re.IGNORECASE),
+    "seg": re.compile(rf"^OTMultiClass{_NII}$", re.IGNORECASE),
+    "mask": re.compile(rf"^brainmask{_NII}$", re.IGNORECASE),
+}
+
+
+def discover_brats15(raw: Path) -> list[Subject]:
+    """DeepMedic's BraTS 2015 examples: case folders `brats_*/` with z-scored
+    `T1c_subtrMeanDivStd`, `Flair_subtrMeanDivStd`, `brainmask` and `OTMultiClass` files."""
+    found: dict[tuple[str, str], list[Source]] = {}
+    segs: dict[str, list[Source]] = {}
+    masks: dict[str, list[Source]] = {}
+    for path in list_files(raw):
+        if not _BRATS15_DIR.match(path.parent.name):
+            continue
+        sid = path.parent.name
+        for role, pattern in _BRATS15_ROLES.items():
+            if not pattern.match(path.name):
+                continue
+            if role in ("seg", "mask"):
+                (segs if role == "seg" else masks).setdefault(sid, []).append(Source(str(path)))
+            else:
+                found.setdefault((sid, role), []).append(Source(str(path)))
+    note = "the dataset's own brain mask, shipped with the scans"
+    return group_subjects(found, True, segs, masks, note, mask_is_reference=True)
 
 
 # --- MSLUB ----------------------------------------------------------------------------------------
@@ -252,7 +192,7 @@ def discover_mslub(raw: Path) -> list[Subject]:
     folders += sorted(p for p in raw.rglob("*") if p.is_dir() and _MSLUB_DIR.match(p.name))
     for folder in folders:
         sid = folder.name.lower()
-        for path in _files(folder):
+        for path in list_files(folder):
             for role, pattern in _MSLUB_ROLES.items():
                 if pattern.match(path.name):
                     target = (
@@ -262,7 +202,7 @@ def discover_mslub(raw: Path) -> list[Subject]:
                     )
                     target.append(Source(str(path)))
     # open_ms_data's `_brain_` derivatives are skull-stripped; the raw release is not.
-    return _group(found, lambda s: "_brain" in Path(s.path).name.lower(), segs=segs)
+    return group_subjects(found, lambda s: "_brain" in Path(s.path).name.lower(), segs=segs)
 
 
 # --- ATLAS v2 -------------------------------------------------------------------------------------
@@ -273,7 +213,7 @@ def discover_atlas_v2(raw: Path) -> list[Subject]:
     """ATLAS v2 BIDS T1w scans with their `label-L_desc-T1lesion_mask` siblings."""
     found: dict[tuple[str, str], list[Source]] = {}
     segs: dict[str, list[Source]] = {}
-    for path in _files(raw):
+    for path in list_files(raw):
         match = _ATLAS_T1.match(path.name)
         if not match:
             continue
@@ -281,7 +221,7 @@ def discover_atlas_v2(raw: Path) -> list[Subject]:
         found.setdefault((sid, "t1"), []).append(Source(str(path)))
         for sibling in sorted(path.parent.glob(f"{sid}_*lesion_mask.nii*")):
             segs.setdefault(sid, []).append(Source(str(sibling)))
-    return _group(found, already_stripped=False, segs=segs)
+    return group_subjects(found, already_stripped=False, segs=segs)
 
 
 # --- WMH ------------------------------------------------------------------------------------------
@@ -289,7 +229,7 @@ def discover_wmh(raw: Path) -> list[Subject]:
     """WMH challenge subjects `<Site>/<n>/pre/T1.nii.gz` + `<Site>/<n>/wmh.nii.gz`."""
     found: dict[tuple[str, str], list[Source]] = {}
     segs: dict[str, list[Source]] = {}
-    for path in _files(raw):
+    for path in list_files(raw):
         if path.parent.name != "pre" or not re.match(rf"^T1{_NII}$", path.name):
             continue
         subject_dir = path.parent.parent
@@ -298,7 +238,7 @@ def discover_wmh(raw: Path) -> list[Subject]:
         for candidate in (subject_dir / "wmh.nii.gz", subject_dir / "wmh.nii"):
             if candidate.is_file():
                 segs.setdefault(sid, []).append(Source(str(candidate)))
-    return _group(found, already_stripped=False, segs=segs)
+    return group_subjects(found, already_stripped=False, segs=segs)
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -313,7 +253,9 @@ DATASETS: dict[str, DatasetSpec] = {
             False,
             True,
             discover_ixi,
-            "IXI<nnn>-<Site>-<nnnn>-T1.nii.gz / -T2.nii.gz, or IXI-T1.tar / IXI-T2.tar",
+            "IXI<nnn>-<Site>-<nnnn>-T1.nii.gz / -T2.nii.gz (or _T1.nii.gz), "
+            "or IXI-T1.tar / IXI-T2.tar",
+            given_mask_help="{id}_T1_DLMUSE.nii.gz anywhere under the raw folder",
         ),
         DatasetSpec(
             "brats21",
@@ -325,6 +267,20 @@ DATASETS: dict[str, DatasetSpec] = {
             False,
             discover_brats21,
             "BraTS2021_<nnnnn>/BraTS2021_<nnnnn>_{t1,t2,seg}.nii.gz",
+        ),
+        DatasetSpec(
+            "brats15",
+            "Test/BraTS15",
+            ("t1c", "flair"),
+            ("t1c", "flair"),
+            ("t1c", "flair"),
+            True,
+            False,
+            discover_brats15,
+            "brats_<case>/{T1c,Flair}_subtrMeanDivStd.nii.gz + brainmask.nii.gz + "
+            "OTMultiClass.nii.gz",
+            given_mask_help="{id}/brainmask.nii.gz",
+            zscored=True,
         ),
         DatasetSpec(
             "mslub",
@@ -361,11 +317,16 @@ DATASETS: dict[str, DatasetSpec] = {
         ),
     )
 }
-_ALIASES = {"brats": "brats21", "atlas": "atlas_v2", "atlasv2": "atlas_v2"}
+_ALIASES = {
+    "brats": "brats21",
+    "brats2015": "brats15",
+    "atlas": "atlas_v2",
+    "atlasv2": "atlas_v2",
+}
 
 
 def get_spec(name: str) -> DatasetSpec:
-    """The dataset spec for a CLI name (case-insensitive: ixi, brats21, mslub, atlas_v2, wmh)."""
+    """The dataset spec for a CLI name (case-insensitive: ixi, brats21, brats15, mslub, ...)."""
     key = name.strip().lower()
     key = _ALIASES.get(key, key)
     if key not in DATASETS:

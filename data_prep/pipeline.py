@@ -3,6 +3,11 @@
 `prepare_scan` reads the raw scan (and its lesion mask), runs reorient/resample -> skull stripping
 -> affine registration to the atlas -> crop to the brain -> N4, writes image, mask and seg
 atomically, and returns the manifest row. `data_prep.prepare` runs it over subjects.
+
+Working grid: `PrepConfig.spacing` (1 mm = the reference; 2 mm for data that only exists at 2 mm).
+The scan is resampled to it, and the atlas must have been made on it (`load_atlas(..., spacing)`).
+Z-scored sources (`DatasetSpec.zscored`) get their brain shifted positive after skull stripping,
+so registration sees a zero background and N4 positive intensities (a deviation, spec §2.1).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import ants
 import numpy as np
 
 from data_prep.adapters import DatasetSpec, Source, Subject, output_paths
-from data_prep.atlas import Atlas
+from data_prep.atlas import Atlas, is_unit_spacing
 from data_prep.manifest import (
     FORMAT_VERSION,
     config_key,
@@ -37,9 +42,10 @@ from data_prep.steps import (
     register_to_atlas,
     remove_transform_files,
     reorient_resample,
+    shift_to_positive,
     warp_to_atlas,
 )
-from p2l.errors import DataError
+from p2l.errors import ConfigError, DataError
 
 # Bump when the processing changes for the same configuration, so restarts redo old outputs.
 PIPELINE_VERSION = "1"
@@ -51,16 +57,19 @@ class PrepConfig:
     """Everything that decides the outputs, apart from the raw files and the atlas content."""
 
     atlas_path: str | None = None
-    skull_strip: str = "auto"  # auto | hd-bet | none | atlas
+    skull_strip: str = "auto"  # auto | hd-bet | none | atlas | given-mask
     hd_bet_args: str = ""
     registration: RegistrationParams = field(default_factory=RegistrationParams)
     n4: N4Params = field(default_factory=N4Params)
     crop_mode: str = "reference"
     exclude_labels: tuple[int, ...] = ()
     seg_threshold: float = 0.0  # 0: reference `> 0` after the linear warp; 0.5: volume-preserving
+    spacing: float = 1.0  # working grid in mm (spec §2.1: 1 mm)
 
     def as_dict(self) -> dict:
-        """Plain-JSON form for the manifest and the restart key."""
+        """Plain-JSON form for the manifest and the restart key. `spacing` appears only when it is
+        not the reference 1 mm, so 1 mm restart keys are those of earlier runs."""
+        extra = {} if is_unit_spacing(self.spacing) else {"spacing": float(self.spacing)}
         return {
             "atlas_path": self.atlas_path,
             "skull_strip": self.skull_strip,
@@ -70,30 +79,33 @@ class PrepConfig:
             "crop_mode": self.crop_mode,
             "exclude_labels": list(self.exclude_labels),
             "seg_threshold": self.seg_threshold,
+            **extra,
         }
 
 
 def skull_strip_method(config: PrepConfig, subject: Subject) -> str:
     """The method used for this subject (`auto`: none if stripped, else hd-bet, else atlas)."""
     if config.skull_strip == "auto":
-        return default_method(subject.already_stripped)
+        return default_method(subject.already_stripped, subject.mask_is_reference)
     return config.skull_strip
 
 
 def scan_key(config: PrepConfig, atlas: Atlas, subject: Subject, modality: str, method: str) -> str:
     """Restart key of one scan: configuration, atlas content and raw file identities."""
     seg = subject.seg.identity() if subject.seg is not None else None
-    return config_key(
-        {
-            "pipeline": PIPELINE_VERSION,
-            "config": config.as_dict(),
-            "method": method,
-            "atlas_sha256": atlas.sha256,
-            "modality": modality,
-            "image": subject.images[modality].identity(),
-            "seg": seg,
-        }
-    )
+    payload = {
+        "pipeline": PIPELINE_VERSION,
+        "config": config.as_dict(),
+        "method": method,
+        "atlas_sha256": atlas.sha256,
+        "modality": modality,
+        "image": subject.images[modality].identity(),
+        "seg": seg,
+    }
+    if method == "given-mask":  # only then: other methods keep their earlier keys
+        mask = subject.brain_mask
+        payload["given_mask"] = mask.identity() if mask is not None else None
+    return config_key(payload)
 
 
 def _read_source(source: Source, kind: str) -> tuple[ants.ANTsImage, str]:
@@ -101,8 +113,34 @@ def _read_source(source: Source, kind: str) -> tuple[ants.ANTsImage, str]:
         return read_ants(path, kind=kind), sha256_file(path)  # type: ignore[arg-type]
 
 
+def read_given_mask(
+    subject: Subject, spec: DatasetSpec, image: ants.ANTsImage, source: Source
+) -> tuple[ants.ANTsImage, str, str]:
+    """The subject's own brain mask (label > 0) on the scan's native grid, its manifest note and
+    its sha256."""
+    if subject.brain_mask is None:
+        expected = spec.given_mask_help.format(id=subject.subject_id)
+        hint = f"expected {expected}" if expected else f"the {spec.key} layout has no mask files"
+        raise DataError(
+            source.describe(),
+            f"--skull-strip given-mask: no brain mask file for {subject.subject_id}; {hint}",
+        )
+    mask, sha = _read_source(subject.brain_mask, "image")  # labels or 0/1 floats: > 0 is brain
+    where = subject.brain_mask.describe()
+    _check_same_grid(image, mask, source.describe(), where, "given brain mask")
+    binary = mask.new_image_like((mask.numpy() > 0).astype(np.float32))
+    note = f"provided mask: {where}" + (
+        f" ({subject.brain_mask_note})" if subject.brain_mask_note else ""
+    )
+    return binary, note, sha
+
+
 def _check_same_grid(
-    image: ants.ANTsImage, other: ants.ANTsImage, image_src: str, src: str
+    image: ants.ANTsImage,
+    other: ants.ANTsImage,
+    image_src: str,
+    src: str,
+    what: str = "lesion mask",
 ) -> None:
     problems = []
     if tuple(image.shape) != tuple(other.shape):
@@ -116,7 +154,7 @@ def _check_same_grid(
     if problems:
         raise DataError(
             src,
-            f"lesion mask is not on the grid of its scan {image_src}: " + "; ".join(problems),
+            f"{what} is not on the grid of its scan {image_src}: " + "; ".join(problems),
         )
 
 
@@ -169,11 +207,24 @@ def prepare_scan(
         label_info["source_mm3"] = round(
             label_info["lesion_voxels"] * float(np.prod(seg_native.spacing)), 2
         )
+    given, given_note, given_sha = (
+        read_given_mask(subject, spec, image, source)
+        if method == "given-mask"
+        else (None, "", None)
+    )
     clock.record("read", start)
+    if not np.isclose(atlas.spacing_mm, config.spacing):
+        raise ConfigError(
+            "spacing", f"the atlas grid is {atlas.spacing_mm} mm, the run's {config.spacing} mm"
+        )
 
     start = time.perf_counter()
-    resampled, info = reorient_resample(image, "image")
-    clock.record("reorient_resample", start, {"spacing_mm": 1.0, "orientation": "RAI"}, info)
+    resampled, info = reorient_resample(image, "image", config.spacing)
+    params = {"spacing_mm": float(config.spacing), "orientation": "RAI"}
+    if given is not None:
+        given, _ = reorient_resample(given, "mask", config.spacing)
+        params["given_mask"] = "label > 0, resampled linearly then >= 0.5 (if not on the grid)"
+    clock.record("reorient_resample", start, params, info)
 
     start = time.perf_counter()
     stripped, brain, strip_info = skull_strip(
@@ -183,8 +234,15 @@ def prepare_scan(
         source=source.describe(),
         registration=config.registration,
         hd_bet_args=config.hd_bet_args,
+        given_mask=given,
+        given_note=given_note,
     )
     clock.record("skull_strip", start, {"method": method}, strip_info)
+    if spec.zscored:
+        start = time.perf_counter()
+        stripped, shift = shift_to_positive(stripped, brain)
+        note = "z-scored source: brain min -> 1% of its range, background 0 (N4 needs > 0)"
+        clock.record("shift_positive", start, {"why": note}, shift)
 
     start = time.perf_counter()
     warped, transforms = register_to_atlas(stripped, atlas, config.registration)
@@ -247,6 +305,7 @@ def prepare_scan(
         "modality": modality,
         "config_key": scan_key(config, atlas, subject, modality, method),
         "config": config.as_dict(),
+        "spacing_mm": float(config.spacing),
         "source": {
             "image": source.describe(),
             "image_sha256": image_sha,
@@ -254,6 +313,11 @@ def prepare_scan(
             "image_spacing": [round(float(s), 6) for s in image.spacing],
             "seg": None if subject.seg is None or not spec.has_seg else subject.seg.describe(),
             "seg_sha256": seg_sha,
+            **(
+                {"brain_mask": subject.brain_mask.describe(), "brain_mask_sha256": given_sha}
+                if given_sha is not None and subject.brain_mask is not None
+                else {}
+            ),
         },
         "skull_strip": {k: strip_info[k] for k in ("method", "quality", "brain_ml")},
         "atlas": atlas.describe(),

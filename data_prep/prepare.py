@@ -1,7 +1,8 @@
 """Prepare a raw dataset into the reference layout (spec §2.1): `python -m data_prep.prepare`.
 
     python -m data_prep.prepare --dataset ixi --raw RAW --out OUT [--atlas T1_brain.nii]
-        [--skull-strip auto|hd-bet|none|atlas] [--modalities t1,t2] [--workers N]
+        [--skull-strip auto|hd-bet|none|atlas|given-mask] [--modalities t1,t2] [--workers N]
+        [--spacing 2]
 
 Restartable: a scan whose manifest row matches the current configuration and whose output files
 still hash as recorded is skipped. A failing subject is reported (with the file and the problem)
@@ -41,7 +42,7 @@ from p2l.errors import ConfigError, P2LError
 
 logger = logging.getLogger("data_prep.prepare")
 
-_ATLAS_CACHE: dict[str | None, Atlas] = {}
+_ATLAS_CACHE: dict[tuple[str | None, float], Atlas] = {}
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     parser = argparse.ArgumentParser(
         prog="python -m data_prep.prepare",
-        description="Raw IXI / BraTS21 / MSLUB / ATLAS v2 / WMH downloads -> registered, "
+        description="Raw IXI / BraTS21 / BraTS15 / MSLUB / ATLAS v2 / WMH downloads -> registered, "
         "skull-stripped, bias-corrected volumes in the reference layout (spec §2.1).",
     )
     parser.add_argument("--dataset", required=True, help=f"one of {list(DATASETS)}")
@@ -73,9 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--skull-strip",
         default="auto",
-        choices=("auto", "hd-bet", "none", "atlas"),
-        help="auto: none for already-stripped data (BraTS, MSLUB _brain_ derivatives), else "
-        "hd-bet if installed, else the lower-quality atlas fallback",
+        choices=("auto", "hd-bet", "none", "atlas", "given-mask"),
+        help="auto: given-mask where the dataset ships its reference brain mask (brats15), none "
+        "for already-stripped data (BraTS21, MSLUB _brain_ derivatives), else hd-bet if "
+        "installed, else the lower-quality atlas fallback; given-mask: the subject's own mask "
+        "file (label > 0, e.g. IXI <id>_T1_DLMUSE.nii.gz); a subject without one fails",
+    )
+    parser.add_argument(
+        "--spacing",
+        type=float,
+        default=1.0,
+        help="working grid in mm, isotropic (default 1 = the reference); scans and the 1 mm "
+        "atlas are resampled to it (e.g. 2 for the 2 mm IXI Hammersmith set)",
     )
     parser.add_argument(
         "--hd-bet-args", default="", help="extra hd-bet arguments, e.g. '-device cpu'"
@@ -137,6 +147,8 @@ def _config_from_args(args: argparse.Namespace) -> PrepConfig:
         raise ConfigError("seg_threshold", f"expected a value in [0, 1], got {args.seg_threshold}")
     if not args.n4_iterations:
         raise ConfigError("n4_iterations", "expected at least one level")
+    if not 0.5 <= args.spacing <= 4.0:
+        raise ConfigError("spacing", f"expected a voxel size in [0.5, 4] mm, got {args.spacing}")
     if args.skull_strip == "hd-bet" and hd_bet_command() is None:
         raise ConfigError(
             "skull_strip",
@@ -152,6 +164,7 @@ def _config_from_args(args: argparse.Namespace) -> PrepConfig:
         crop_mode=args.crop,
         exclude_labels=tuple(args.exclude_labels),
         seg_threshold=args.seg_threshold,
+        spacing=float(args.spacing),
     )
 
 
@@ -171,7 +184,7 @@ def _select(subjects: list[Subject], text: str | None) -> list[Subject]:
     if text is None:
         return subjects
     path = Path(text)
-    if path.is_file():
+    if "," not in text and path.is_file():  # a long comma list is no file name (ENAMETOOLONG)
         lines = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
         wanted = [line for line in lines if line]
     else:
@@ -183,10 +196,12 @@ def _select(subjects: list[Subject], text: str | None) -> list[Subject]:
     return [by_id[w] for w in dict.fromkeys(wanted)]
 
 
-def _atlas(path: str | None) -> Atlas:
-    if path not in _ATLAS_CACHE:
-        _ATLAS_CACHE[path] = load_atlas(path)
-    return _ATLAS_CACHE[path]
+def _atlas(path: str | None, spacing: float = 1.0) -> Atlas:
+    """The atlas on the working grid, made once per process (the 2 mm resample takes ~2 s)."""
+    key = (path, float(spacing))
+    if key not in _ATLAS_CACHE:
+        _ATLAS_CACHE[key] = load_atlas(path, spacing=spacing)
+    return _ATLAS_CACHE[key]
 
 
 def process_scan(
@@ -202,7 +217,7 @@ def process_scan(
     Runs in a worker process; never raises for a bad input, so one failure cannot stop a run.
     """
     try:
-        atlas = _atlas(config.atlas_path)
+        atlas = _atlas(config.atlas_path, config.spacing)
         spec = get_spec(dataset)
         return prepare_scan(subject, modality, spec, config, atlas, Path(root), versions), None
     except P2LError as err:
@@ -243,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
     if args.workers < 1:
         raise ConfigError("workers", f"expected >= 1, got {args.workers}")
-    atlas = _atlas(config.atlas_path)
+    atlas = _atlas(config.atlas_path, config.spacing)
     subjects = _select(discover(spec, args.raw), args.subjects)
     root = Path(args.out).resolve()
     folder = root / spec.folder
@@ -251,11 +266,14 @@ def run(args: argparse.Namespace) -> int:
 
     logger.info("dataset %s: %d subjects under %s -> %s", spec.key, len(subjects), args.raw, folder)
     logger.info("atlas: %s (%s, sha256 %s)", atlas.name, atlas.path, atlas.sha256[:12])
+    logger.info("working grid: %g mm isotropic", config.spacing)
     logger.info("tools: %s", ", ".join(f"{k} {v}" for k, v in versions.items()))
     methods = sorted({skull_strip_method(config, s) for s in subjects})
     for method in methods:
         log = logger.warning if method == "atlas" else logger.info
         log("skull stripping: %s: %s", method, QUALITY[method])
+    if spec.zscored:
+        logger.info("z-scored sources: brain intensities are shifted positive before N4")
 
     rows = read_manifest(folder)
     failures: list[tuple[str, str, str]] = []

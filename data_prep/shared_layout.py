@@ -28,7 +28,8 @@ _MSLUB = "mslub_open_ms_data/cross_sectional/MNI"
 _BRATS = "brats_orchestrator_case"
 
 
-def _link(target: Path, source: Path) -> None:
+def link(target: Path, source: Path) -> None:
+    """`target` becomes a symlink to `source` (which must exist), replacing what was there."""
     if not source.is_file() and not source.is_dir():
         raise DataError(source, "expected file of ../shared/data is missing")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -45,21 +46,21 @@ def make_layout(shared: Path, out: Path) -> dict[str, Path]:
     ixi = shared / _IXI
     for modality in ("T1", "T2"):
         name = f"IXI002-Guys-0828-{modality}"
-        _link(out / "ixi" / f"{name}.nii.gz", ixi / name / f"hd_bet_{name}.nii.gz")
+        link(out / "ixi" / f"{name}.nii.gz", ixi / name / f"hd_bet_{name}.nii.gz")
     wmh = shared / _WMH
     for site, sub in (("Utrecht/0", "sub-0001"), ("GE3T/100", "sub-0002")):
-        _link(out / "wmh" / site / "pre/T1.nii.gz", wmh / f"input_dir/{sub}/anat/{sub}_T1.nii.gz")
-        _link(
+        link(out / "wmh" / site / "pre/T1.nii.gz", wmh / f"input_dir/{sub}/anat/{sub}_T1.nii.gz")
+        link(
             out / "wmh" / site / "wmh.nii.gz",
             wmh / f"output_dir/{sub}/derivatives/{sub}_seg.nii.gz",
         )
     for patient in ("patient07", "patient19"):
-        _link(out / "mslub" / patient, shared / _MSLUB / patient)
+        link(out / "mslub" / patient, shared / _MSLUB / patient)
     case = "BraTS2021_99901"
     brats = shared / _BRATS
     folder = out / "brats21" / case
-    _link(folder / f"{case}_t1.nii.gz", brats / "data/preprocessed_case/t1n.nii.gz")
-    _link(folder / f"{case}_t2.nii.gz", brats / "data/preprocessed_case/t2w.nii.gz")
+    link(folder / f"{case}_t1.nii.gz", brats / "data/preprocessed_case/t1n.nii.gz")
+    link(folder / f"{case}_t2.nii.gz", brats / "data/preprocessed_case/t2w.nii.gz")
     labels = nib.load(brats / "outputs/segmentation.nii.gz")
     data = np.asarray(labels.dataobj).copy()
     data[data == 3] = 4

@@ -1,4 +1,4 @@
-"""Skull stripping, spec §2.1 step 2, as a pluggable step with three methods.
+"""Skull stripping, spec §2.1 step 2, as a pluggable step with four methods.
 
 - "hd-bet": the reference's tool, run as the user's installed `hd-bet` command (never installed or
   downloaded here). Works with HD-BET v1 (writes `<out>_mask.nii.gz`) and v2 (`--save_bet_mask`,
@@ -10,6 +10,10 @@
   LOWER QUALITY than HD-BET (an affine atlas shape, not the subject's brain outline); logged and
   recorded as such in the manifest. Checked on real heads only visually (WMH scans) and for a
   plausible brain volume.
+- "given-mask": the subject's own brain mask shipped with the data (label > 0: BraTS 2015
+  `brainmask.nii.gz`, a DLMUSE parcellation for the 2 mm IXI Hammersmith set), carried to the
+  working grid with the image by the caller (linear, then >= 0.5). Recorded with its file; a model's
+  parcellation is a pseudo-label, not a reference mask, and the manifest says so.
 """
 
 from __future__ import annotations
@@ -30,16 +34,24 @@ from data_prep.atlas import Atlas
 from data_prep.steps import RegistrationParams, brain_mask_from_stripped, remove_transform_files
 from p2l.errors import ConfigError, DataError
 
-METHODS: tuple[str, ...] = ("hd-bet", "none", "atlas")
+METHODS: tuple[str, ...] = ("hd-bet", "none", "atlas", "given-mask")
 QUALITY = {
     "hd-bet": "reference method (HD-BET, as the paper)",
     "none": "input already skull-stripped; mask = ants.get_mask (reference for BraTS)",
     "atlas": "LOWER QUALITY offline fallback: atlas-registration mask, not HD-BET",
+    "given-mask": "brain mask shipped with the data (label > 0), not HD-BET",
 }
 # A brain outside this range (mL) means the mask is wrong, whatever produced it.
 PLAUSIBLE_BRAIN_ML = (400.0, 2500.0)
 _DILATE_PRIOR_MM = 8  # metric region around the atlas brain for the first, head-to-brain affine
 _ERODE_MM = 4  # erosion that cuts thin links between brain and scalp before keeping one component
+_NEAR_PRIOR_MM = 3  # margin around the registered prior in which tissue is looked for
+_CLOSE_MM = 3  # closing of the brain estimate
+
+
+def _voxels(mm: float, spacing: float) -> int:
+    """A radius in mm as whole voxels of the working grid (the same numbers as before at 1 mm)."""
+    return max(1, int(round(mm / spacing)))
 
 
 def hd_bet_command() -> str | None:
@@ -69,15 +81,29 @@ def skull_strip(
     source: str,
     registration: RegistrationParams,
     hd_bet_args: str = "",
+    given_mask: ants.ANTsImage | None = None,
+    given_note: str = "",
 ) -> tuple[ants.ANTsImage, ants.ANTsImage, dict]:
-    """Return (skull-stripped image, binary brain mask, info) for a 1 mm RAI scan.
+    """Return (skull-stripped image, binary brain mask, info) for an RAI scan on the working grid.
 
-    `source` names the input file in errors. Raises DataError when the tool fails or the mask is
-    empty or of implausible volume.
+    `source` names the input file in errors; `given_mask` (method "given-mask") is the subject's
+    mask already on the scan's grid, `given_note` says where it came from (for the manifest).
+    Raises DataError when the tool fails or the mask is empty or of implausible volume.
     """
     if method not in METHODS:
         raise ConfigError("skull_strip", f"expected one of {METHODS}, got {method!r}")
-    if method == "hd-bet":
+    quality = QUALITY[method]
+    if method == "given-mask":
+        if given_mask is None:
+            raise DataError(source, "skull stripping given-mask: no brain mask given for this scan")
+        if tuple(given_mask.shape) != tuple(image.shape):
+            raise DataError(
+                source, f"given brain mask shape {given_mask.shape} differs from {image.shape}"
+            )
+        mask = image.new_image_like((given_mask.numpy() > 0).astype(np.float32))
+        stripped, info = image * mask, {}
+        quality = given_note or quality
+    elif method == "hd-bet":
         stripped, mask, info = _run_hd_bet(image, source, hd_bet_args)
     elif method == "none":
         mask = brain_mask_from_stripped(image)
@@ -94,7 +120,7 @@ def skull_strip(
             f"{lo:.0f}-{hi:.0f} mL; check the scan"
             + (" or install HD-BET" if method == "atlas" else ""),
         )
-    info.update(method=method, quality=QUALITY[method], brain_ml=round(volume_ml, 1))
+    info.update(method=method, quality=quality, brain_ml=round(volume_ml, 1))
     return stripped, mask, info
 
 
@@ -155,7 +181,10 @@ def atlas_brain_mask(
     3. affine again on the head masked by that estimate, starting from step 1;
     4. the atlas brain mask warped back (linear, >= 0.5).
     Only the coarse levels (shrink >= 4) of `params` run: the result is a shape prior anyway.
+    Morphology radii are in mm, converted to voxels of the scan's (working) grid.
     """
+    spacing = float(np.mean(image.spacing))
+    voxel_ml = float(np.prod(image.spacing)) / 1000.0
     coarse = tuple(
         it if shrink >= 4 else 0
         for it, shrink in zip(params.aff_iterations, params.aff_shrink_factors, strict=True)
@@ -167,18 +196,21 @@ def atlas_brain_mask(
         aff_shrink_factors=tuple(params.aff_shrink_factors),
         aff_smoothing_sigmas=tuple(params.aff_smoothing_sigmas),
     )
-    region = ants.iMath(atlas.brain_mask, "MD", _DILATE_PRIOR_MM)
+    region = ants.iMath(atlas.brain_mask, "MD", _voxels(_DILATE_PRIOR_MM, atlas.spacing_mm))
     first = ants.registration(fixed=atlas.image, moving=image, mask=region, **common)
     prior = _warp_back(atlas, image, first["fwdtransforms"])
 
     data = image.numpy()
-    near_prior = ndimage.binary_dilation(prior, _ball(3))
+    erode = _ball(_voxels(_ERODE_MM, spacing))
+    near_prior = ndimage.binary_dilation(prior, _ball(_voxels(_NEAR_PRIOR_MM, spacing)))
     threshold = _otsu3_lower(data[near_prior])
     tissue = (data > threshold) & near_prior
-    tissue = ndimage.binary_erosion(tissue, _ball(_ERODE_MM))
+    tissue = ndimage.binary_erosion(tissue, erode)
     tissue = _largest_component(tissue)
-    tissue = ndimage.binary_dilation(tissue, _ball(_ERODE_MM))
-    tissue = ndimage.binary_closing(ndimage.binary_fill_holes(tissue), _ball(3))
+    tissue = ndimage.binary_dilation(tissue, erode)
+    tissue = ndimage.binary_closing(
+        ndimage.binary_fill_holes(tissue), _ball(_voxels(_CLOSE_MM, spacing))
+    )
     if not tissue.any():
         raise ValueError("atlas fallback found no brain tissue")
     estimate = image.new_image_like(tissue.astype(np.float32))
@@ -195,8 +227,8 @@ def atlas_brain_mask(
         "fallback": {
             "iterations": list(coarse),
             "tissue_threshold": round(float(threshold), 4),
-            "prior_ml": round(float(prior.sum()) / 1000.0, 1),
-            "tissue_ml": round(float(tissue.sum()) / 1000.0, 1),
+            "prior_ml": round(float(prior.sum()) * voxel_ml, 1),
+            "tissue_ml": round(float(tissue.sum()) * voxel_ml, 1),
         }
     }
     return image.new_image_like(brain.astype(np.float32)), info
@@ -258,8 +290,11 @@ def describe_hd_bet_env() -> dict:
     return {"hd_bet": command or "not installed", "hd_bet_version": hd_bet_version()}
 
 
-def default_method(already_stripped: bool) -> str:
-    """The method `auto` picks: none for stripped data, else hd-bet if installed, else atlas."""
+def default_method(already_stripped: bool, mask_is_reference: bool = False) -> str:
+    """The method `auto` picks: given-mask where the dataset's own brain mask is its reference
+    (BraTS 2015 deepmedic), none for stripped data, else hd-bet if installed, else atlas."""
+    if mask_is_reference:
+        return "given-mask"
     if already_stripped:
         return "none"
     # The caller logs the choice once per run (QUALITY says the fallback is lower quality).

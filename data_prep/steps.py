@@ -5,7 +5,8 @@ Order per scan: `reorient_resample` -> skull stripping (`data_prep.skull_strip`)
 reference scripts' values; each step returns what it did so the manifest can record it.
 
 Interpolation, stated once:
-- images: B-spline (ANTs interp_type 4) when resampling to 1 mm, linear when warped to the atlas
+- images: B-spline (ANTs interp_type 4) when resampling to the working grid (1 mm, or `--spacing`),
+  linear when warped to the atlas
   (the reference keeps ANTs' `warpedmovout`, which is linear);
 - brain masks: linear warp, fractional border values kept as the reference writes them;
 - segmentations: binarised first (label > 0, see `binarise_labels`), warped linearly in one step
@@ -88,30 +89,63 @@ class N4Params:
 
 def is_isotropic_1mm(image: ants.ANTsImage) -> bool:
     """True when every voxel side is 1 mm (within 1e-3)."""
-    return bool(np.allclose(image.spacing, 1.0, atol=_SPACING_ATOL))
+    return is_isotropic(image, 1.0)
+
+
+def is_isotropic(image: ants.ANTsImage, spacing: float) -> bool:
+    """True when every voxel side is `spacing` mm (within 1e-3)."""
+    return bool(np.allclose(image.spacing, spacing, atol=_SPACING_ATOL))
 
 
 def reorient_resample(
-    image: ants.ANTsImage, kind: Literal["image", "mask", "seg"] = "image"
+    image: ants.ANTsImage,
+    kind: Literal["image", "mask", "seg"] = "image",
+    spacing: float = 1.0,
 ) -> tuple[ants.ANTsImage, dict]:
-    """Resample to 1 mm isotropic (if not already) and reorient to RAI, spec §2.1 step 1.
+    """Resample to `spacing` mm isotropic (if not already) and reorient to RAI, spec §2.1 step 1.
 
-    Images: B-spline as `resample.py`. Masks / binary segs: linear then >= 0.5 (volume-preserving).
-    The reference resampled even 1 mm scans (its `list != tuple` test is always true); at 1 mm that
-    is an identity up to B-spline round-off, so it is skipped here.
+    `spacing` is the working grid: 1 mm as the reference, or coarser (`--spacing 2`) for data that
+    only exists at 2 mm. Images: B-spline as `resample.py`. Masks / binary segs: linear then >= 0.5
+    (volume-preserving). The reference resampled even 1 mm scans (its `list != tuple` test is
+    always true); on the target grid that is an identity up to B-spline round-off, so it is skipped.
+    A mask or seg that needs no resampling is returned as given (binarise it first).
     """
     info = {"input_spacing": [round(float(s), 6) for s in image.spacing], "resampled": False}
     out = image
-    if not is_isotropic_1mm(image):
+    if not is_isotropic(image, spacing):
         interp = _BSPLINE if kind == "image" else _LINEAR
         source = image if kind == "image" else (image > 0).astype("float32")
-        out = ants.resample_image(source, (1.0, 1.0, 1.0), use_voxels=False, interp_type=interp)
+        target = (float(spacing),) * 3
+        out = ants.resample_image(source, target, use_voxels=False, interp_type=interp)
         if kind != "image":
             out = (out >= 0.5).astype("float32")
         info.update(resampled=True, interpolation="bspline" if kind == "image" else "linear>=0.5")
     out = out.reorient_image2(ORIENTATION)
     info["orientation"] = ORIENTATION
     return out, info
+
+
+def shift_to_positive(
+    image: ants.ANTsImage, mask: ants.ANTsImage, floor_fraction: float = 0.01
+) -> tuple[ants.ANTsImage, dict]:
+    """Brain intensities of a z-scored source shifted so their minimum is a small positive value
+    (`floor_fraction` of the brain's intensity range); 0 outside `mask > 0`.
+
+    N4 models a multiplicative bias field and needs positive intensities; z-scored sources (the
+    BraTS 2015 deepmedic examples, `*_subtrMeanDivStd`) are negative in about half the brain and
+    their background holds the brain's minimum, not 0. A deviation from spec §2.1, whose sources
+    are raw scanner intensities; the shift is recorded in the manifest.
+    """
+    data = image.numpy().astype(np.float64)
+    inside = mask.numpy() > 0
+    if not inside.any():
+        raise ValueError("cannot shift intensities: the brain mask is empty")
+    low, high = float(data[inside].min()), float(data[inside].max())
+    floor = floor_fraction * max(high - low, 1e-6)
+    offset = floor - low
+    shifted = np.where(inside, data + offset, 0.0).astype(np.float32)
+    info = {"offset": round(offset, 6), "brain_min_before": round(low, 6)}
+    return image.new_image_like(shifted), info
 
 
 def brain_mask_from_stripped(image: ants.ANTsImage) -> ants.ANTsImage:
@@ -147,7 +181,7 @@ def register_to_atlas(
 def affine_summary(transforms: list[str]) -> dict:
     """The affine of a registration for the manifest: 3x4 matrix (atlas -> scan, ITK convention)
     and its determinant, the scan's volume per atlas volume (a lesion of V mm³ in the scan covers
-    about V / det voxels on the 1 mm atlas grid)."""
+    about V / det mm³ of atlas space: V / det voxels on the 1 mm grid)."""
     transform = ants.read_transform(transforms[0])
     params = np.asarray(transform.parameters, dtype=float)
     matrix = params[:9].reshape(3, 3)

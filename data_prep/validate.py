@@ -1,13 +1,14 @@
 """Check a prepared data root against its manifests and the split CSVs.
 
-    python -m data_prep.validate OUT [--splits DIR] [--allow-missing] [--quick]
+    python -m data_prep.validate OUT [--splits DIR] [--allow-missing] [--quick] [--spacing MM]
 
-Per scan (manifest row): files present and unchanged (sha256), image/mask/seg on one 1 mm RAI grid
-equal to the recorded one, voxel types, finite intensities that are not constant and mostly
-positive inside the brain, a non-empty mask in [0, 1] with a plausible brain volume, a binary seg,
-and counts equal to the recorded ones; the `mask/`/`seg/` links of the split CSVs. With --splits:
-every file the loader (`p2l.splits`) would open for every split row exists, and its image, mask and
-seg share a grid. Prints a summary; exits 1 when anything is wrong.
+Per scan (manifest row): files present and unchanged (sha256), image/mask/seg on one RAI grid
+equal to the recorded one, at the row's working spacing (1 mm unless prepared with --spacing;
+`--spacing MM` requires that value of every scan), voxel types, finite intensities that are not
+constant and mostly positive inside the brain, a non-empty mask in [0, 1] with a plausible brain
+volume, a binary seg, and counts equal to the recorded ones; the `mask/`/`seg/` links of the split
+CSVs. With --splits: every file the loader (`p2l.splits`) would open for every split row exists,
+and its image, mask and seg share a grid. Prints a summary; exits 1 when anything is wrong.
 
 --quick reads headers, not voxels or hashes, but still catches a truncated file: a .nii.gz must
 end with a gzip trailer whose length field equals the header's size (offset + voxels); only when
@@ -55,8 +56,19 @@ class Report:
     warnings: list[str] = field(default_factory=list)
 
 
-def _check_row(folder: Path, row: dict, report: Report, quick: bool) -> None:
+def row_spacing(row: dict) -> float:
+    """The working grid (mm) a manifest row was prepared on (rows before --spacing: 1 mm)."""
+    return float(row.get("spacing_mm", row.get("config", {}).get("spacing", 1.0)))
+
+
+def _check_row(
+    folder: Path, row: dict, report: Report, quick: bool, spacing: float | None = None
+) -> None:
     name = f"{row['subject']} {row['modality']}"
+    recorded = row_spacing(row)
+    if spacing is not None and not np.isclose(recorded, spacing):
+        report.errors.append(f"{name}: prepared at {recorded:g} mm, expected {spacing:g} mm")
+    spacing = recorded
     if quick:
         missing = [
             f"{kind} file missing: {folder / rec['path']}"
@@ -86,8 +98,9 @@ def _check_row(folder: Path, row: dict, report: Report, quick: bool) -> None:
             report.errors.append(f"{where}: shape {img.shape} differs from manifest {rec['shape']}")
         if not np.allclose(img.affine, rec["affine"], atol=_AFFINE_ATOL):
             report.errors.append(f"{where}: affine differs from the manifest")
-        if not np.allclose(img.header.get_zooms()[:3], 1.0, atol=1e-3):
-            report.errors.append(f"{where}: spacing {img.header.get_zooms()[:3]} is not 1 mm")
+        if not np.allclose(img.header.get_zooms()[:3], spacing, atol=1e-3):
+            zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+            report.errors.append(f"{where}: spacing {zooms} is not {spacing:g} mm")
         if "".join(nib.aff2axcodes(img.affine)) != _AXCODES:
             codes = "".join(nib.aff2axcodes(img.affine))
             report.errors.append(f"{where}: orientation {codes}, expected RAI (nibabel {_AXCODES})")
@@ -101,7 +114,8 @@ def _check_row(folder: Path, row: dict, report: Report, quick: bool) -> None:
             report.errors.append(f"{name}: {kind} is not on the image grid (shape or affine)")
     if quick or report.errors and report.errors[-1].startswith(name):
         return
-    _check_data(name, {k: np.asarray(v.dataobj) for k, v in headers.items()}, row, report)
+    data = {k: np.asarray(v.dataobj) for k, v in headers.items()}
+    _check_data(name, data, row, report, spacing**3 / 1000.0)
 
 
 def _header_problem(path: Path):
@@ -141,7 +155,9 @@ def _gzip_length(path: Path) -> int:
     return total
 
 
-def _check_data(name: str, data: dict[str, np.ndarray], row: dict, report: Report) -> None:
+def _check_data(
+    name: str, data: dict[str, np.ndarray], row: dict, report: Report, voxel_ml: float = 1e-3
+) -> None:
     image, mask = data["image"].astype(np.float64), data["mask"]
     if not np.all(np.isfinite(image)):
         report.errors.append(f"{name}: image has non-finite voxels")
@@ -158,7 +174,7 @@ def _check_data(name: str, data: dict[str, np.ndarray], row: dict, report: Repor
             f"{name}: brain mask has {count} voxels > 0, manifest says "
             f"{row['brain_mask']['voxels_gt0']}"
         )
-    brain_ml = float(np.count_nonzero(mask >= 0.5)) / 1000.0
+    brain_ml = float(np.count_nonzero(mask >= 0.5)) * voxel_ml
     lo, hi = PLAUSIBLE_BRAIN_ML
     if not lo <= brain_ml <= hi:
         report.errors.append(f"{name}: implausible brain volume {brain_ml:.0f} mL ({lo}-{hi})")
@@ -214,7 +230,7 @@ def _check_shared(root: Path, spec_key: str, rows: dict, report: Report, quick: 
 
 def _check_stray(folder: Path, rows: dict, report: Report) -> None:
     recorded = {folder / rec["path"] for row in rows.values() for rec in row["outputs"].values()}
-    pattern = re.compile(r"^(t1|t2|mask_t1|mask_t2|seg_t1|seg_t2)$")
+    pattern = re.compile(r"^(?:mask_|seg_)?(?:t1|t2|t1c|flair)$")
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and pattern.match(p.name)):
         stray = [p for p in sorted(sub.glob("*.nii*")) if p not in recorded]
         if stray:
@@ -309,8 +325,12 @@ def validate(
     splits: str | Path | None = None,
     allow_missing: bool = False,
     quick: bool = False,
+    spacing: float | None = None,
 ) -> list[Report]:
-    """Validate every dataset folder of a prepared root; raises DataError when there is none."""
+    """Validate every dataset folder of a prepared root; raises DataError when there is none.
+
+    `spacing`: the working grid every scan must have (None: each row's own, from the manifest).
+    """
     root = Path(root)
     if not root.is_dir():
         raise DataError(root, "prepared data root not found")
@@ -335,7 +355,7 @@ def validate(
         if not rows:
             report.errors.append(f"{folder}: the manifest lists no scans")
         for row in rows.values():
-            _check_row(folder, row, report, quick)
+            _check_row(folder, row, report, quick, spacing)
         _check_shared(root, key, rows, report, quick)
         _check_stray(folder, rows, report)
         if splits is not None:
@@ -356,9 +376,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick", action="store_true", help="headers and file lengths only: no hashes, no voxels"
     )
+    parser.add_argument(
+        "--spacing",
+        type=float,
+        default=None,
+        help="require this working grid (mm) of every scan (default: each row's, as prepared)",
+    )
     args = parser.parse_args(argv)
     try:
-        reports = validate(args.root, args.splits, args.allow_missing, args.quick)
+        reports = validate(args.root, args.splits, args.allow_missing, args.quick, args.spacing)
     except P2LError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
