@@ -85,6 +85,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.healthy_quantile = 98.0  # unsupervised threshold: q98 of healthy IXI scores (spec §5.6)
     c.eval.variant = "combined"  # combined | error | variance (spec §5.3 and the ablations)
     c.eval.healthy_split = "val"  # healthy IXI volumes for the q98 threshold: val | ixi_test
+    # Held-out healthy IXI volumes scored at every stored threshold: the fraction of their brain
+    # flagged (false positives, p2l.healthy_fpr); "" = none, "ixi_test" = the IXI test CSV.
+    c.eval.healthy_test_split = ""
+    # results/uncertainty/: calibration of the variance head on healthy held-out patches and the
+    # patch-level analysis of the lesion sets (p2l.uncertainty).
+    c.eval.uncertainty_report = False
     c.eval.healthy_postprocess = True  # filter healthy maps like test maps (spec §8.14: no)
     c.eval.max_volumes = 0  # 0 = all volumes of each test set
     c.eval.max_healthy_volumes = 0  # 0 = all healthy volumes of eval.healthy_split

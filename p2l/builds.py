@@ -129,6 +129,9 @@ class Builds:
                         splits_dir, dataset, modality, data_root, part, False
                     )
                     self._part_rows[name] = (dataset, csv_rows)
+        splits.check_no_lesion_case_in_ixi(
+            ixi_rows, {d: self._kwargs[d]["rows"] for d in test_sets}
+        )
         self.builders: dict[str, Patch2LocSlices] = {}
 
     def prepare(self) -> Builds:

@@ -12,6 +12,7 @@ from p2l.losses import LOSS_TYPES
 REQUIRED_PATHS = ("data_root", "splits_dir")
 MODALITIES = ("t1", "t2")
 DEVICE_SLICES = ("auto", "device", "host")  # p2l.device_slices.choose
+HEALTHY_TEST_SPLITS = ("", "val", "ixi_test")  # p2l.healthy_fpr
 
 HINTS = {
     "data_root": "the preprocessed data folder holding Train/ixi/... and Test/<Dataset>/... "
@@ -39,6 +40,10 @@ def check_paths(config) -> None:
     workers = config.eval.get("workers", 0)  # configs of older runs lack it (p2l.eval_stream)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ConfigError("eval.workers", f"{workers!r}; expected an integer >= 0 (0 = all CPUs)")
+    healthy_test = config.eval.get("healthy_test_split", "")  # older runs' configs lack it
+    if healthy_test not in HEALTHY_TEST_SPLITS:
+        raise ConfigError("eval.healthy_test_split",
+                          f"{healthy_test!r}; expected '' (none), 'val' or 'ixi_test'")  # fmt: skip
     check_numerics(config)
 
 

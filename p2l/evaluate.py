@@ -33,7 +33,9 @@ from p2l import (
     config_check,
     disk_check,
     eval_stream,
+    eval_tensorboard,
     figures,
+    healthy_fpr,
     metrics,
     protocols,
     results_summary,
@@ -143,6 +145,11 @@ def _volume_result(config, dataset, fixed, excluded_ids, with_figure, rec, sv):
     )
     brain = rec.mask > 0
     lesion = brain & (rec.seg > 0)
+    # The spec's AUROC/AUPRC count every voxel (spec §6), background too, where the score is 0
+    # and which is easy to rank below lesions; these count the brain alone.
+    if lesion.any() and not lesion[brain].all():
+        row["auroc_brain"] = metrics.auroc(sv.score[brain], rec.seg[brain] > 0, name=rec.subject_id)
+        row["auprc_brain"] = metrics.auprc(sv.score[brain], rec.seg[brain] > 0, name=rec.subject_id)
     # Do lesion voxels score higher than the rest of the brain? (the paper's premise)
     row["score_lesion_mean"] = float(sv.score[lesion].mean()) if lesion.any() else np.nan
     row["score_normal_brain_mean"] = float(sv.score[brain & ~lesion].mean())
@@ -214,6 +221,47 @@ def evaluate_set(config, scorer: Scorer, builds, dataset: str, policy_thresholds
     return rows
 
 
+def healthy_test(config, scorer: Scorer, builds, stored: dict, out: Path) -> dict:
+    """Flagged fraction of held-out healthy brains at every stored threshold (p2l.healthy_fpr);
+    writes `<split>_healthy_volumes.csv`."""
+    split = config.eval.healthy_test_split
+
+    def reduce(rec, sv):
+        return healthy_fpr.volume_row(rec.subject_id, sv.score, rec.mask, stored)
+
+    _, stream = _scored(config, scorer, builds, split, config.eval.max_healthy_volumes, reduce,
+                        f"healthy IXI ({split})",
+                        filtered=config.eval.healthy_postprocess)  # fmt: skip
+    from p2l import parallel
+
+    rows = [r for share in parallel.gather_objects(list(stream)) for r in share]
+    if jax.process_index() == 0:
+        write_text_atomic(out / f"{split}_healthy_volumes.csv", _csv_text(rows))
+    return {"split": split, **healthy_fpr.summarise(rows, stored)}
+
+
+def uncertainty_report(config, model, variables, builds, out: Path, writer, step: int) -> dict:
+    """results/uncertainty/ (p2l.uncertainty): calibration on the held-out healthy volumes (the
+    healthy test split when set, else the healthy threshold's split; neither is trained on) and
+    the patch-level analysis of every test set. Process 0 alone, over every volume."""
+    from p2l import uncertainty
+
+    ev = config.eval
+    healthy = ev.get("healthy_test_split") or ev.healthy_split
+
+    def volumes(part: str, limit: int):
+        n = len(builds.subject_ids(part))
+        return builds.volumes(part, range(min(n, limit) if limit else n))
+
+    result = uncertainty.run(
+        config, model, variables, volumes(healthy, ev.max_healthy_volumes),
+        {d: volumes(d.lower(), ev.max_volumes) for d in config.test_sets},
+        out / "uncertainty", writer, step,
+    )  # fmt: skip
+    return {"healthy_split": healthy, "folder": str(out / "uncertainty"),
+            "scalars": uncertainty.scalars(result)}  # fmt: skip
+
+
 def excluded_subjects(builds, dataset: str) -> set[str]:
     """Test subjects of `dataset` that are also in its validation CSV (p2l.protocols)."""
     part = f"{dataset.lower()}_val"
@@ -276,8 +324,17 @@ def evaluate(config, workdir: str | Path) -> dict:
                 rows, healthy_name, None if val_thr is None else n_val
             ),  # fmt: skip
         }
+    if config.eval.get("healthy_test_split"):
+        stored = {k: v["value"] for k, v in summary["thresholds"].items() if v["value"] is not None}
+        summary["healthy_test"] = healthy_test(config, scorer, builds, stored, out)
+    writer = eval_tensorboard.open_writer(workdir) if jax.process_index() == 0 else None
+    if config.eval.get("uncertainty_report") and writer is not None:
+        summary["uncertainty"] = uncertainty_report(config, model, variables, builds, out,
+                                                    writer, step)  # fmt: skip
     summary["seconds"] = time.perf_counter() - t_start
     summary["processes"] = jax.process_count()
-    if jax.process_index() == 0:
+    if writer is not None:
         write_json_atomic(out / "summary.json", results_summary.json_safe(summary))
+        eval_tensorboard.write(writer, step, summary, sorted(out.glob("*_overlay.png")))
+        writer.close()
     return summary

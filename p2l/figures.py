@@ -16,12 +16,14 @@ import numpy as np  # noqa: E402
 from p2l.atomic_write import atomic_path  # noqa: E402
 
 
-def _save(fig, path: Path) -> None:
+def save(fig, path: Path, dpi: int = 110) -> Path:
+    """Writes `fig` as a PNG atomically and closes it."""
     try:
         with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=110, bbox_inches="tight")
+            fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
     finally:
         plt.close(fig)
+    return Path(path)
 
 
 def most_informative_slice(seg: np.ndarray | None, mask: np.ndarray) -> int:
@@ -72,7 +74,7 @@ def overlay(
     for ax in axes:
         ax.axis("off")
     fig.suptitle(title)
-    _save(fig, path)
+    save(fig, path)
     return Path(path)
 
 
@@ -114,5 +116,5 @@ def error_variance_density(
     ax.set_ylabel("mean predicted log-variance")
     ax.legend(fontsize=8)
     ax.set_title(title)
-    _save(fig, path)
+    save(fig, path)
     return Path(path)

@@ -159,17 +159,22 @@ def needed_grid(region_HxWxD: np.ndarray, stride: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled_forward(model, patch: int, devices: tuple):
+def compiled_forward(model, patch: int, devices: tuple, per_coordinate: bool = False):
+    """The jitted model over patch centres (batch sharded over `devices`): per patch the squared
+    location error and the mean log-variance (heatmaps), or with `per_coordinate` the predicted
+    mean and log-variance of each coordinate (p2l.patch_outputs, the uncertainty report)."""
     mesh = parallel.create_mesh(list(devices))
     repl, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
 
     def forward(variables, padded_DxHpxWp, position_D, centres_Nx3):
         z, y, x = centres_Nx3[:, 0], centres_Nx3[:, 1], centres_Nx3[:, 2]
+        cut = patches.extract_patches(padded_DxHpxWp, z, y, x, patch)[..., None]
+        mean, logvar = model.apply(variables, cut, position_D[z], train=False)
+        if per_coordinate:
+            return mean, logvar
         half = patch // 2
         height = padded_DxHpxWp.shape[1] - 2 * half
         width = padded_DxHpxWp.shape[2] - 2 * half
-        cut = patches.extract_patches(padded_DxHpxWp, z, y, x, patch)[..., None]
-        mean, logvar = model.apply(variables, cut, position_D[z], train=False)
         target = patches.window_targets(y, x, height, width)
         error = jnp.sum(jnp.square(mean - target), axis=-1)
         return error, jnp.mean(logvar, axis=-1)
@@ -186,7 +191,7 @@ def make_patch_forward(model, patch: int, dtype: str = "float32", devices=None):
     """
     _check_dtype(dtype)
     devices = tuple(jax.local_devices() if devices is None else devices)
-    return _compiled_forward(model.clone(dtype=jnp.dtype(dtype)), int(patch), devices)
+    return compiled_forward(model.clone(dtype=jnp.dtype(dtype)), int(patch), devices)
 
 
 def local_variables(variables: dict) -> dict:
@@ -209,13 +214,13 @@ def _check_dtype(dtype: str) -> None:
         raise ConfigError("eval.dtype", f"{dtype!r}; expected one of {list(DTYPES)}")
 
 
-def _positive_int(value, key: str) -> int:
+def positive_int(value, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
         raise ConfigError(key, f"must be a positive integer, got {value!r}")
     return int(value)
 
 
-def _check_volume(volume, region, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+def check_volume(volume, region, name: str) -> tuple[np.ndarray, np.ndarray | None]:
     vol = np.asarray(volume)
     if vol.ndim != 3:
         raise DataError(name, f"expected a 3-D (H, W, D) volume, got shape {vol.shape}")
@@ -271,7 +276,7 @@ class PendingHeatmap:
         return HeatmapResult(error, logvar, score, n, self._variant)
 
 
-def _batch_for(n: int, batch_size: int, devices: int) -> int:
+def batch_for(n: int, batch_size: int, devices: int) -> int:
     """Global batch: batch_size per device, or for a small volume the next power of two per
     device that holds it (few distinct static shapes, so few compilations)."""
     per_device = -(-max(n, 1) // devices)
@@ -317,15 +322,15 @@ def start_volume_heatmap(
       DataError: the volume is not a finite 3-D array, or the region's shape differs.
       ConfigError: stride, batch_size, dtype or variant is invalid.
     """
-    patch = _positive_int(patch, "patch")
-    stride = _positive_int(stride, "eval.stride")
-    batch_size = _positive_int(batch_size, "eval.batch_size")
+    patch = positive_int(patch, "patch")
+    stride = positive_int(stride, "eval.stride")
+    batch_size = positive_int(batch_size, "eval.batch_size")
     _check_dtype(dtype)
     if variant not in VARIANTS:
         raise ConfigError("eval.variant", f"{variant!r}; expected one of {list(VARIANTS)}")
-    vol, reg = _check_volume(volume_HxWxD, region, name)
+    vol, reg = check_volume(volume_HxWxD, region, name)
     h, w, d = vol.shape
-    total = d if num_slices is None else _positive_int(num_slices, "num_slices")
+    total = d if num_slices is None else positive_int(num_slices, "num_slices")
 
     devices = tuple(jax.local_devices())
     forward = make_patch_forward(model, patch, dtype, devices)
@@ -339,7 +344,7 @@ def start_volume_heatmap(
     grid_index = np.nonzero(needed)
     z, iy, ix = grid_index
     centres = np.stack([z, ys[iy], xs[ix]], axis=1).astype(np.int32)
-    global_batch = _batch_for(len(centres), batch_size, len(devices))
+    global_batch = batch_for(len(centres), batch_size, len(devices))
 
     # Slice-first padded stack (spec §5.2: zero padding by P//2), sent once per volume.
     padded = jax.device_put(patches.pad_slices(jnp.asarray(vol.transpose(2, 0, 1)), patch), repl)

@@ -109,6 +109,14 @@ def format_summary(summary: dict) -> str:
     )
     lines.append(f"thresholds: {thr}")
     lines.extend(protocol_lines(summary))
+    healthy = summary.get("healthy_test")
+    if healthy:  # p2l.healthy_fpr
+        cells = []
+        for name, t in healthy["thresholds"].items():
+            pooled = t["pooled_fraction"]
+            cells.append(f"{name} " + ("n/a" if pooled is None else f"{100 * pooled:.2f} %"))
+        lines.append(f"healthy test ({healthy['split']}, {healthy['volumes']} volumes), "
+                     "brain voxels above: " + ", ".join(cells))  # fmt: skip
     return "\n".join(lines)
 
 

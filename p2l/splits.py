@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -256,3 +257,24 @@ def dataset_rows(
 def row_key(row: SplitRow) -> tuple[str, str, str]:
     """What identifies a row's volume in its dataset's build (its files)."""
     return (row.image_path, row.mask_path, row.seg_path or "")
+
+
+def check_no_lesion_case_in_ixi(ixi_rows: Sequence[SplitRow],
+                                lesion_rows: dict[str, Sequence[SplitRow]]) -> None:  # fmt: skip
+    """Raises ConfigError when a lesion set's scan (test or validation CSV) is also an IXI row.
+
+    IXI rows are trained on (train), validated and thresholded on (val, test): a lesion case
+    among them would leak its slices into training or threshold selection. Compared by subject
+    id and by the image file's real path (a link or a second name of one file counts)."""
+    ids = {r.subject_id: r for r in ixi_rows}
+    files = {os.path.realpath(r.image_path): r for r in ixi_rows}
+    for dataset, rows in lesion_rows.items():
+        for row in rows:
+            same = ids.get(row.subject_id) or files.get(os.path.realpath(row.image_path))
+            if same is not None:
+                raise ConfigError(
+                    "splits_dir",
+                    f"{dataset} case {row.subject_id} ({row.image_path}) is also a healthy IXI "
+                    f"row ({same.image_path}): its slices would be used for training or "
+                    "threshold selection; remove it from the IXI split CSVs",
+                )
