@@ -18,7 +18,7 @@ export PYTHONPATH := $(CURDIR)
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo test test-slow lint format train eval prepare sweep tables bench bench-compare bench-layers scale-check gpu-check clean-demo
+.PHONY: venv demo test test-slow real-check lint format train eval prepare sweep tables bench bench-compare bench-layers scale-check gpu-check clean-demo
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,15 @@ test: venv
 
 test-slow: venv
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+# The real-data checks on ../shared/data: the one-subject T2 check (data_prep/real_check.py) and
+# the 2 mm T1 check from 138 real healthy IXI heads (data_prep/real_check_t1.py); per-case tables.
+# Preparation is cached (runs/real_check_t1/input); a finished run is not retrained.
+SHARED ?= ../shared
+REAL_T1_ARGS ?=
+real-check: venv
+	$(PY) -m data_prep.real_check --shared $(SHARED) --workdir runs/real_check
+	$(PY) -m data_prep.real_check_t1 --shared $(SHARED) --workdir runs/real_check_t1 $(REAL_T1_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

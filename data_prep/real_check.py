@@ -143,17 +143,48 @@ def run(shared: Path, workdir: Path, **overrides) -> list[dict]:
     train.train_and_evaluate(config, workdir / "run")
     summary = evaluate.evaluate(config, workdir / "run")
     print(results_summary.format_summary(summary))
+    return print_case_table(config, summary, workdir / "run")
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    value = row.get(key)
+    if value in (None, "") or not np.isfinite(float(value)):
+        return "n/a"
+    return format(float(value), fmt)
+
+
+def print_case_table(config, summary: dict, run_dir: Path) -> list[dict]:
+    """One row per lesion case: AUROC and AUPRC inside the brain (background not counted), Dice
+    at the healthy-quantile threshold, the fraction of held-out healthy brain voxels above that
+    threshold (the run's healthy test, when it has one), mean score in lesion vs normal brain.
+    Returns the per-volume rows (dicts of strings) of the results CSVs."""
+    from p2l import thresholds
+
+    healthy = thresholds.healthy_policy_name(config.eval.healthy_quantile)
+    test = summary.get("healthy_test", {}).get("thresholds", {}).get(healthy, {})
+    flagged = test.get("pooled_fraction")
     rows = []
     for dataset in config.test_sets:
-        with open(workdir / "run" / "results" / f"{dataset.lower()}_volumes.csv") as fh:
+        with open(run_dir / "results" / f"{dataset.lower()}_volumes.csv") as fh:
             rows += list(csv.DictReader(fh))
-    print("| case | lesion voxels | AUROC | AUPRC | Dice (oracle) | score lesion | rest of brain |")
-    print("|---|---|---|---|---|---|---|")
+    header = ["case", "lesion voxels", "AUROC (brain)", "AUPRC (brain)", f"Dice ({healthy})",
+              f"healthy brain > {healthy}", "score lesion", "normal brain"]  # fmt: skip
+    print(f"{config.name}: per case (threshold {healthy} = "
+          f"{summary['thresholds'][healthy]['value']:.4g})")  # fmt: skip
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
     for r in rows:
         cells = [f"{r['dataset']}/{r['subject_id']}", str(int(float(r["lesion_voxels"])))]
-        cells += [f"{float(r[k]):.3f}" for k in ("auroc", "auprc", "dice[oracle]")]
-        cells += [f"{float(r[k]):.2f}" for k in ("score_lesion_mean", "score_normal_brain_mean")]
+        cells += [_cell(r, k, ".3f") for k in ("auroc_brain", "auprc_brain", f"dice[{healthy}]")]
+        cells.append("n/a" if flagged is None else f"{100 * flagged:.2f} %")
+        cells += [_cell(r, k, ".2f") for k in ("score_lesion_mean", "score_normal_brain_mean")]
         print("| " + " | ".join(cells) + " |")
+    if flagged is not None:
+        held_out = summary["healthy_test"]
+        print(f"healthy brain > {healthy}: fraction of the brain voxels of the "
+              f"{held_out['volumes']}"
+              f" held-out healthy subjects ({held_out['split']}, never trained on, not used for "
+              "the threshold) above the threshold, pooled")  # fmt: skip
     return rows
 
 

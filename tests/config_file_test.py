@@ -32,7 +32,7 @@ def test_misspelt_file_lists_the_configs_of_its_folder(in_repo):
     assert _message("experiments/demoo.py") == (
         "config.config: experiments/demoo.py: no such config file; did you mean "
         "experiments/demo.py? configs there: atlas.py, brats.py, demo.py, mslub.py, "
-        "real_check.py, t1.py, t2.py, wmh.py"
+        "real_check.py, t1.py, t1_2mm.py, t2.py, wmh.py"
     )
     assert _message("experimentz/demo.py:tiny").endswith(
         "no such config file (no folder experimentz/)"
