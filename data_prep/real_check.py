@@ -128,22 +128,33 @@ def prepare(shared: Path, out: Path) -> tuple[Path, Path]:
     return data_root, splits
 
 
-def run(shared: Path, workdir: Path, **overrides) -> list[dict]:
-    """Prepares the inputs, trains, evaluates; returns the per-volume rows (dicts of strings)."""
-    from p2l import evaluate, results_summary, train
+def with_inputs(config, data_root: Path, splits: Path, tfds_dir: Path, **overrides):
+    """`config` with dotted-key overrides, pointed at a check's prepared data, CSVs and builds."""
     from p2l.config_file import set_dotted
 
-    data_root, splits = prepare(shared, workdir / "input")
-    config = get_config()
     for key, value in overrides.items():
         set_dotted(config, key, value)
-    config.data_root = str(data_root)
-    config.splits_dir = str(splits)
-    config.tfds_dir = str(workdir / "input" / "tfds")
-    train.train_and_evaluate(config, workdir / "run")
-    summary = evaluate.evaluate(config, workdir / "run")
+    config.data_root, config.splits_dir = str(data_root), str(splits)
+    config.tfds_dir = str(tfds_dir)
+    return config
+
+
+def train_and_report(config, run_dir: Path) -> list[dict]:
+    """Trains (or resumes), evaluates, prints the summary and the per-case table; returns the
+    per-volume rows (dicts of strings)."""
+    from p2l import evaluate, results_summary, train
+
+    train.train_and_evaluate(config, run_dir)
+    summary = evaluate.evaluate(config, run_dir)
     print(results_summary.format_summary(summary))
-    return print_case_table(config, summary, workdir / "run")
+    return print_case_table(config, summary, run_dir)
+
+
+def run(shared: Path, workdir: Path, **overrides) -> list[dict]:
+    """Prepares the inputs, trains, evaluates; returns the per-volume rows (dicts of strings)."""
+    data_root, splits = prepare(shared, workdir / "input")
+    config = with_inputs(get_config(), data_root, splits, workdir / "input" / "tfds", **overrides)
+    return train_and_report(config, workdir / "run")
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:

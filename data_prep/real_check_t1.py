@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.real_check import IXI_HEADER, print_case_table
+from data_prep.real_check import IXI_HEADER, train_and_report, with_inputs
 from data_prep.shared_layout import link
 from p2l.errors import DataError
 
@@ -119,28 +119,16 @@ def write_splits(splits: Path, parts, data_root: Path) -> None:
 def configure(variant: str, data_root: Path, splits: Path, tfds_dir: Path, **overrides):
     """experiments/t1_2mm.py:<variant> on the prepared data, with dotted-key overrides."""
     from experiments.t1_2mm import get_config
-    from p2l.config_file import set_dotted
 
-    config = get_config(variant)
-    for key, value in overrides.items():
-        set_dotted(config, key, value)
-    config.data_root, config.splits_dir = str(data_root), str(splits)
-    config.tfds_dir = str(tfds_dir)
-    return config
+    return with_inputs(get_config(variant), data_root, splits, tfds_dir, **overrides)
 
 
 def run(shared: Path, workdir: Path, variant: str = "cpu", train: int = TRAIN,
         held_out: int = HELD_OUT, fast_prep: bool = False, **overrides) -> list[dict]:  # fmt: skip
     """Prepares (cached), trains, evaluates; prints and returns the per-case rows."""
-    from p2l import evaluate, results_summary
-    from p2l import train as train_loop
-
     data_root, splits = prepare(shared, workdir / "input", train, held_out, fast=fast_prep)
     config = configure(variant, data_root, splits, workdir / "input" / "tfds", **overrides)
-    train_loop.train_and_evaluate(config, workdir / "run")
-    summary = evaluate.evaluate(config, workdir / "run")
-    print(results_summary.format_summary(summary))
-    return print_case_table(config, summary, workdir / "run")
+    return train_and_report(config, workdir / "run")
 
 
 def main(argv=None) -> int:
