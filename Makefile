@@ -1,5 +1,6 @@
 # p2l — common tasks. Every target creates/uses the virtual environment .venv first.
-#   make demo                       main job on the embedded default (no download, no GPU)
+#   make demo                       main job on the embedded default (no download, no GPU):
+#                                   Patch2Loc and the DAE, fused, one table
 #   make test                       the test suite (CPU)
 #   make train CONFIG=experiments/brats.py ARGS="--config.data_root=... --config.splits_dir=..."
 #   make gpu-check                  on a lent GPU machine: tests, speed and memory in one JSON line
@@ -29,9 +30,12 @@ $(VENV)/.installed: requirements.txt
 
 venv: $(VENV)/.installed
 
+# Both detectors on the embedded data: the DAE (runs/demo_dae), then Patch2Loc (runs/demo),
+# evaluated side by side with their fusion (one row per detector).
 demo: venv
 	$(PY) -m data_prep.demo_data --out runs/demo/data
-	$(PY) -m p2l.main --config=experiments/demo.py --workdir=runs/demo --mode=train_eval $(ARGS)
+	$(PY) -m p2l.main --config=experiments/dae_demo.py --workdir=runs/demo_dae --mode=train $(DAE_ARGS)
+	$(PY) -m p2l.main --config=experiments/demo.py --workdir=runs/demo --mode=train_eval --config.eval.pixel_workdir=runs/demo_dae $(ARGS)
 
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -108,4 +112,4 @@ tables: venv
 	$(PY) -m p2l.tools.tables --runs $(RUNS)
 
 clean-demo:
-	rm -rf runs/demo
+	rm -rf runs/demo runs/demo_dae

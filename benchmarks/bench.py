@@ -14,6 +14,8 @@ Figures (warm-up excluded, medians over repetitions):
 - feed: training slices/s the host and the device path (p2l.device_slices) deliver at the train
   sizes, against what the measured train step and the fastest realistic GPU step consume
   (`pipeline_throughput`, also called by benchmarks.scale_check).
+- dae: slices/s of the DAE's train step and reconstruction, and one volume scored
+  (benchmarks.dae_bench), beside Patch2Loc's figures.
 - peak host memory, device kind and count, dtypes, XLA_FLAGS.
 """
 
@@ -520,9 +522,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--skip-infer", action="store_true")
     ap.add_argument("--skip-pipeline", action="store_true")
+    ap.add_argument("--dae-width", type=int, default=64, help="DAE U-Net base width (64: theirs)")
+    ap.add_argument("--dae-slices", type=int, default=16, help="DAE slices per train step")
+    ap.add_argument("--dae-steps", type=int, default=3, help="timed DAE train steps")
+    ap.add_argument("--skip-dae", action="store_true", help="no DAE figures (benchmarks.dae_bench)")
     args = ap.parse_args(argv)
     positive = "patches patch_size image_size train_slices steps infer_batch infer_reps stride"
-    positive += " full_slices pipeline_volumes pipeline_batches feed_rows"
+    positive += " full_slices pipeline_volumes pipeline_batches feed_rows dae_width dae_slices"
+    positive += " dae_steps"
     for name in positive.split():
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -597,6 +604,13 @@ def main(argv=None) -> int:
             f"slices/s; a {FASTEST_STEP_S * 1e3:.0f} ms step consumes "
             f"{feed['fastest_step_consumes_slices_per_s']:.0f}, this machine's step "
             f"{feed['step_consumes_slices_per_s'] or 0:.0f}")  # fmt: skip
+    if not args.skip_dae:
+        from benchmarks import dae_bench
+
+        log(f"(e) DAE (width {args.dae_width}, {args.dae_slices} slices/step): train and inference")
+        result["dae"] = dae_bench.bench_dae(args, mesh, log)
+        log(f"  -> train {result['dae']['train_slices_per_s']:.1f} slices/s, inference "
+            f"{result['dae']['infer_slices_per_s']:.1f} slices/s")  # fmt: skip
     result["total_wall_s"] = time.perf_counter() - t_all
     # ru_maxrss is in KiB on Linux.
     result["peak_host_memory_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

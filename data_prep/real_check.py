@@ -139,11 +139,15 @@ def with_inputs(config, data_root: Path, splits: Path, tfds_dir: Path, **overrid
     return config
 
 
-def train_and_report(config, run_dir: Path) -> list[dict]:
+def train_and_report(config, run_dir: Path, dae_config=None, dae_dir: Path | None = None):
     """Trains (or resumes), evaluates, prints the summary and the per-case table; returns the
-    per-volume rows (dicts of strings)."""
+    per-volume rows (dicts of strings). With `dae_config`, the DAE is trained on the same data in
+    `dae_dir` first and the evaluation fuses the two (p2l.fusion): rows for every detector."""
     from p2l import evaluate, results_summary, train
 
+    if dae_config is not None:
+        train.train_and_evaluate(dae_config, dae_dir)
+        config.eval.pixel_workdir = str(dae_dir)
     train.train_and_evaluate(config, run_dir)
     summary = evaluate.evaluate(config, run_dir)
     print(results_summary.format_summary(summary))
@@ -172,24 +176,32 @@ def print_case_table(config, summary: dict, run_dir: Path) -> list[dict]:
     from p2l import thresholds
 
     healthy = thresholds.healthy_policy_name(config.eval.healthy_quantile)
-    test = summary.get("healthy_test", {}).get("thresholds", {}).get(healthy, {})
-    flagged = test.get("pooled_fraction")
+    primary = summary.get("detector", "patch2loc")
+    per_detector = summary.get("detectors") or {primary: summary}
+    flagged = {d: res.get("healthy_test", {}).get("thresholds", {}).get(healthy, {})
+               .get("pooled_fraction") for d, res in per_detector.items()}  # fmt: skip
     rows = []
     for dataset in config.test_sets:
         with open(run_dir / "results" / f"{dataset.lower()}_volumes.csv") as fh:
             rows += list(csv.DictReader(fh))
-    header = ["case", "lesion voxels", "AUROC (brain)", "AUPRC (brain)", f"Dice ({healthy})",
-              f"healthy brain > {healthy}", "score lesion", "normal brain"]  # fmt: skip
-    print(f"{config.name}: per case (threshold {healthy} = "
-          f"{summary['thresholds'][healthy]['value']:.4g})")  # fmt: skip
+    header = ["case", "detector", "lesion voxels", "AUROC (brain)", "AUPRC (brain)",
+              f"Dice ({healthy})", f"healthy brain > {healthy}", "score lesion",
+              "normal brain"]  # fmt: skip
+    values = ", ".join(f"{d} {res['thresholds'][healthy]['value']:.4g}"
+                       for d, res in per_detector.items())  # fmt: skip
+    print(f"{config.name}: per case (threshold {healthy}: {values})")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
-        cells = [f"{r['dataset']}/{r['subject_id']}", str(int(float(r["lesion_voxels"])))]
+        detector = r.get("detector", primary)
+        cells = [f"{r['dataset']}/{r['subject_id']}", detector]
+        cells.append(str(int(float(r["lesion_voxels"]))))
         cells += [_cell(r, k, ".3f") for k in ("auroc_brain", "auprc_brain", f"dice[{healthy}]")]
-        cells.append("n/a" if flagged is None else f"{100 * flagged:.2f} %")
+        share = flagged.get(detector)
+        cells.append("n/a" if share is None else f"{100 * share:.2f} %")
         cells += [_cell(r, k, ".2f") for k in ("score_lesion_mean", "score_normal_brain_mean")]
         print("| " + " | ".join(cells) + " |")
+    flagged = flagged.get(primary)
     if flagged is not None:
         held_out = summary["healthy_test"]
         print(f"healthy brain > {healthy}: fraction of the brain voxels of the "

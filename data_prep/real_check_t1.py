@@ -123,12 +123,23 @@ def configure(variant: str, data_root: Path, splits: Path, tfds_dir: Path, **ove
     return with_inputs(get_config(variant), data_root, splits, tfds_dir, **overrides)
 
 
+def configure_dae(variant: str, data_root: Path, splits: Path, tfds_dir: Path, **overrides):
+    """experiments/dae_t1_2mm.py:<variant> (the DAE fused with Patch2Loc) on the same data."""
+    from experiments.dae_t1_2mm import get_config
+
+    return with_inputs(get_config(variant), data_root, splits, tfds_dir, **overrides)
+
+
 def run(shared: Path, workdir: Path, variant: str = "cpu", train: int = TRAIN,
-        held_out: int = HELD_OUT, fast_prep: bool = False, **overrides) -> list[dict]:  # fmt: skip
-    """Prepares (cached), trains, evaluates; prints and returns the per-case rows."""
+        held_out: int = HELD_OUT, fast_prep: bool = False, dae: bool = True,
+        **overrides) -> list[dict]:  # fmt: skip
+    """Prepares (cached), trains Patch2Loc (and the DAE, fused with it, when `dae`), evaluates;
+    prints and returns the per-case rows (one per case and detector)."""
     data_root, splits = prepare(shared, workdir / "input", train, held_out, fast=fast_prep)
-    config = configure(variant, data_root, splits, workdir / "input" / "tfds", **overrides)
-    return train_and_report(config, workdir / "run")
+    tfds_dir = workdir / "input" / "tfds"
+    config = configure(variant, data_root, splits, tfds_dir, **overrides)
+    dae_config = configure_dae(variant, data_root, splits, tfds_dir) if dae else None
+    return train_and_report(config, workdir / "run", dae_config, workdir / "dae")
 
 
 def main(argv=None) -> int:
@@ -140,6 +151,7 @@ def main(argv=None) -> int:
     ap.add_argument("--held-out-subjects", type=int, default=HELD_OUT)
     ap.add_argument("--fast-prep", action="store_true", help="short registration and N4 (CI)")
     ap.add_argument("--prepare-only", action="store_true", help="prepare the scans and CSVs")
+    ap.add_argument("--no-dae", action="store_true", help="Patch2Loc alone, no DAE or fusion")
     args = ap.parse_args(argv)
     from p2l import xla_flags
 
@@ -153,7 +165,7 @@ def main(argv=None) -> int:
                 fast=args.fast_prep)  # fmt: skip
         return 0
     run(shared, workdir, args.variant, args.train_subjects, args.held_out_subjects,
-        args.fast_prep)  # fmt: skip
+        args.fast_prep, dae=not args.no_dae)  # fmt: skip
     return 0
 
 

@@ -14,6 +14,9 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = "patch2loc"
     c.modality = "t2"  # model trained on IXI T2 (BraTS21, MSLUB) or T1 (ATLAS v2, WMH), spec §1
+    # What the run trains: "patch2loc", or "dae", the pixel-wise denoising autoencoder that
+    # Patch2Loc is fused with (experiments/dae.py, p2l.fusion).
+    c.method = "patch2loc"
     c.fold = 0  # IXI split fold 0..4 (spec §1.1; the authors' scripts loop over 5 folds)
     c.seed = 3141  # seed_everything(3141) in the reference (spec §3.3)
 
@@ -95,6 +98,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.max_volumes = 0  # 0 = all volumes of each test set
     c.eval.max_healthy_volumes = 0  # 0 = all healthy volumes of eval.healthy_split
     c.eval.num_figures = 3  # overlay figures of the first volumes of each set
+    # Fusion with a pixel-wise detector (p2l.fusion): the folder of a trained DAE run on the same
+    # data ("" = Patch2Loc alone). Evaluation then scores Patch2Loc, the DAE and every rule of
+    # `fusion` on the same volumes, one row per detector; `fusion_weight` is Patch2Loc's share in
+    # the zsum rule.
+    c.eval.pixel_workdir = ""
+    c.eval.fusion = ("product", "zsum", "gate")
+    c.eval.fusion_weight = 0.5
+    # The gate rule keeps the residual where Patch2Loc's score is above this quantile of its
+    # healthy in-brain scores; 0 = eval.healthy_quantile (the rule as specified).
+    c.eval.fusion_gate_quantile = 0.0
     # Host threads post-processing and scoring volumes while the devices compute the next
     # heatmaps (p2l.eval_stream; ~3 volumes per worker in memory); 0 = the CPUs available.
     c.eval.workers = 0

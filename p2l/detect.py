@@ -13,6 +13,12 @@ data_prep); spacing and obliqueness are checked, the brain's extent is compared 
 brain's (`orientation.REGISTRATION_RULES`). The mask threshold is the one `make eval` stored in
 W/results/summary.json (validation-tuned if available, else the healthy quantile's) or
 --threshold.
+
+With `--dae-workdir D` (a DAE run trained on the same data, experiments/dae_*.py) the scan is also
+scored by the DAE and the two maps are fused by `--fusion` (p2l.fusion): PREFIX_dae and
+PREFIX_fused, and PREFIX_fused_mask at the fused map's stored threshold when the Patch2Loc run was
+evaluated fused with D (`eval.pixel_workdir`), whose healthy statistics zsum and gate need. A DAE
+run can also be given as --workdir alone (its residual map, no error/log-variance).
 """
 
 from __future__ import annotations
@@ -24,20 +30,30 @@ from pathlib import Path
 
 import numpy as np
 
-from p2l import xla_flags
+from p2l import fusion, xla_flags
 from p2l.errors import ConfigError, DataError, P2LError
 
 
-def stored_threshold(workdir: Path) -> tuple[float, str] | None:
-    """The threshold `make eval` stored for this run: the first fixed policy (validation-tuned,
-    then healthy quantile, in `thresholds.policies` order) with a value, and its name."""
+def stored_summary(workdir: Path) -> dict | None:
+    path = Path(workdir) / "results" / "summary.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def stored_threshold(workdir: Path, detector: str | None = None) -> tuple[float, str] | None:
+    """The threshold `make eval` stored for this run (for `detector`, default the run's own): the
+    first fixed policy (validation-tuned, then healthy quantile, in `thresholds.policies` order)
+    with a value, and its name."""
     from p2l import thresholds
     from p2l.run_info import load_run_config
 
-    path = Path(workdir) / "results" / "summary.json"
-    if not path.exists():
+    summary = stored_summary(workdir)
+    if summary is None:
         return None
-    stored = json.loads(path.read_text()).get("thresholds", {})
+    if detector is not None and detector != summary.get("detector", "patch2loc"):
+        summary = (summary.get("detectors") or {}).get(detector)
+        if summary is None:
+            return None
+    stored = summary.get("thresholds", {})
     quantile = load_run_config(workdir).eval.get("healthy_quantile", thresholds.HEALTHY_QUANTILE)
     for policy in thresholds.policies(quantile):
         if policy.per_volume:
@@ -67,9 +83,8 @@ def derive_brain_mask(image, path: Path):
 
 
 def detect(args) -> dict[str, Path]:
-    from p2l import figures, normalization, orientation, thresholds, train_state
+    from p2l import figures, normalization, orientation, thresholds
     from p2l.run_info import load_run_config
-    from p2l.scoring import Scorer
     from p2l.volume_io import read_volume, write_volume_atomic
 
     workdir = Path(args.workdir)
@@ -110,7 +125,7 @@ def detect(args) -> dict[str, Path]:
     if args.threshold is not None:
         threshold, source = args.threshold, "--threshold"
     else:
-        found = stored_threshold(workdir)
+        found = stored_threshold(workdir)  # the run's own detector's
         if found is None:
             raise DataError(
                 workdir / "results" / "summary.json",
@@ -119,23 +134,38 @@ def detect(args) -> dict[str, Path]:
         threshold, source = found
     if args.stride:
         config.eval.stride = args.stride
-    model, variables, step = train_state.restore_variables(config, workdir)
-    sv = Scorer(config, model, variables)(subject.subject_id, subject.image, subject.mask)
+    opened = _open(config, workdir, args)
+    step = opened.step
+    sv = opened.scorer(subject.subject_id, subject.image, subject.mask)
     prediction = thresholds.predict(sv.score, threshold) & (subject.mask > 0)
 
-    outputs = {
-        "score": sv.score,
-        "error": sv.maps["error"] * (subject.mask > 0),
-        "logvar": sv.maps["logvar"] * (subject.mask > 0),
-        "mask": prediction.astype(np.uint8),
-    }
+    brain = subject.mask > 0
+    outputs = {"score": sv.score, "mask": prediction.astype(np.uint8)}
+    for name in ("error", "logvar"):  # Patch2Loc's heatmap parts (a DAE run has none)
+        if name in sv.maps:
+            outputs[name] = sv.maps[name] * brain
+    if opened.fused:
+        outputs["dae"] = sv.maps["dae"]
+        fused = fusion.detector_name(args.fusion)
+        outputs["fused"] = sv.maps[fused]
+        found = stored_threshold(workdir, fused)
+        if found is not None:
+            outputs["fused_mask"] = (thresholds.predict(sv.maps[fused], found[0]) & brain).astype(
+                np.uint8
+            )
+            print(f"p2l.detect: {fused} thresholded at {found[0]:.4g} ({found[1]})")
+        else:
+            print(
+                f"p2l.detect: no stored threshold for {fused} (evaluate the run with "
+                "eval.pixel_workdir to store one): the fused map is written unthresholded"
+            )
     prefix = Path(args.output)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     written = {}
     for name, array in outputs.items():
         path = prefix.with_name(f"{prefix.name}_{name}.nii.gz")
         back = subject.to_source(array, fill=0)  # the input scan's own grid and orientation
-        dtype = np.uint8 if name == "mask" else np.float32
+        dtype = np.uint8 if name.endswith("mask") else np.float32
         write_volume_atomic(path, back, subject.source_affine, dtype=dtype)
         written[name] = path
     png = prefix.with_name(f"{prefix.name}_overlay.png")
@@ -158,6 +188,40 @@ def detect(args) -> dict[str, Path]:
     return written
 
 
+def _open(config, workdir: Path, args):
+    """The run's scorer; with --dae-workdir, Patch2Loc and the DAE fused by --fusion, with the
+    fusion parameters the run's evaluation stored (p2l.fusion: zsum and gate need them)."""
+    from p2l import detectors
+
+    if not args.dae_workdir:
+        return detectors.open_run(config, workdir)
+    if not (Path(args.dae_workdir) / "run_info.json").is_file():
+        raise DataError(
+            args.dae_workdir,
+            "not a trained DAE run folder (no run_info.json): train one first, e.g. make train "
+            "CONFIG=experiments/dae_t2.py",
+        )
+    if config.get("method", "patch2loc") != "patch2loc":
+        raise ConfigError("dae-workdir", f"--workdir {workdir} must be a Patch2Loc run to fuse")
+    config.eval.pixel_workdir = str(args.dae_workdir)
+    config.eval.fusion = (args.fusion,)
+    opened = detectors.open_run(config, workdir)
+    stored = (stored_summary(workdir) or {}).get("fusion") or {}
+    same = Path(str((stored.get("pixel_run") or {}).get("workdir", ""))).resolve()
+    if stored.get("params") and same == Path(args.dae_workdir).resolve():
+        opened.scorer.params = fusion.FusionParams(**stored["params"])
+    elif args.fusion == "product":  # the one rule without healthy parameters
+        opened.scorer.params = fusion.FusionParams(0.0, 1.0, 0.0, 1.0, 0.0)
+    else:
+        raise DataError(
+            Path(workdir) / "results" / "summary.json",
+            f"no fusion parameters stored for the DAE run {args.dae_workdir}: the {args.fusion} "
+            "rule needs the healthy statistics of an evaluation (make eval with "
+            f"--config.eval.pixel_workdir={args.dae_workdir}); --fusion product needs none",
+        )
+    return opened
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", required=True, help="trained run folder (make train)")
@@ -167,6 +231,17 @@ def parse_args(argv=None):
     ap.add_argument("--output", required=True, help="output prefix, e.g. out/patient1")
     ap.add_argument("--threshold", type=float, help="score threshold for the mask")
     ap.add_argument("--stride", type=int, help="sliding-window stride (default: the config's)")
+    ap.add_argument(
+        "--dae-workdir",
+        help="a trained DAE run on the same data: also write its map "
+        "(PREFIX_dae) and the fused one (PREFIX_fused, PREFIX_fused_mask)",
+    )
+    ap.add_argument(
+        "--fusion",
+        default="product",
+        choices=("product", "zsum", "gate"),
+        help="fusion rule with --dae-workdir (p2l.fusion; default product)",
+    )
     return ap.parse_args(argv)
 
 

@@ -36,6 +36,16 @@ def scalars(summary: dict) -> dict[str, float]:
     for name, t in summary["thresholds"].items():
         if t["value"] is not None:
             out[f"eval/threshold/{name}"] = float(t["value"])
+    # The other detectors of a fused evaluation (p2l.detectors), under their names.
+    primary = summary.get("detector")
+    for detector, result in (summary.get("detectors") or {}).items():
+        if detector == primary:
+            continue
+        for dataset, res in result["sets"].items():
+            for key in keys:
+                mean = res["metrics"].get(key, {}).get("mean")
+                if mean is not None and np.isfinite(mean):
+                    out[f"eval/{detector}/{dataset}/{key}"] = float(mean)
     for name, t in summary.get("healthy_test", {}).get("thresholds", {}).items():
         if t["pooled_fraction"] is not None:
             out[f"eval/healthy_test_brain_above/{name}"] = float(t["pooled_fraction"])

@@ -27,12 +27,12 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from tqdm import tqdm
 
 from p2l import (
     config_check,
+    detector_figures,
+    detectors,
     disk_check,
-    eval_stream,
     eval_tensorboard,
     figures,
     healthy_fpr,
@@ -40,75 +40,11 @@ from p2l import (
     protocols,
     results_summary,
     thresholds,
-    train_state,
 )
 from p2l import score_histograms as sh
 from p2l.atomic_write import write_json_atomic, write_text_atomic
 from p2l.errors import ConfigError
-from p2l.scoring import Scorer
-
-
-def my_indices(n_volumes: int, limit: int) -> list[int]:
-    """This process's share (round-robin, p2l.parallel) of the first `limit` volume indices
-    (all when limit is 0): indices, never volumes, so nothing is read that another process reads."""
-    n = min(n_volumes, limit) if limit else n_volumes
-    return list(range(jax.process_index(), n, jax.process_count()))
-
-
-def _scored(config, scorer, builds, part: str, limit: int, reduce, desc: str, **kw):
-    """(number of this process's volumes, iterator of reduce(volume, scored) in volume order)."""
-    indices = my_indices(len(builds.subject_ids(part)), limit)
-    stream = eval_stream.scored(scorer, builds.volumes(part, indices), reduce,
-                                workers=eval_stream.resolve_workers(config.eval), **kw)  # fmt: skip
-    return len(indices), tqdm(stream, total=len(indices), desc=desc, unit="vol")
-
-
-def _merged(histogram: sh.Histogram) -> sh.Histogram:
-    # Every process's small histogram, not its voxels (p2l.score_histograms).
-    from p2l import parallel
-
-    return sh.Histogram.merged(parallel.gather_objects(histogram.sparse()))
-
-
-def healthy_threshold(config, scorer: Scorer, builds) -> tuple[float, int]:
-    """The q-th percentile of healthy in-brain scores, from their merged histogram."""
-    ev = config.eval
-
-    def reduce(rec, sv):
-        return sh.volume_counts(sv.score[rec.mask > 0], name=rec.subject_id)
-
-    histogram = sh.Histogram()
-    desc = f"healthy IXI ({ev.healthy_split})"
-    _, stream = _scored(config, scorer, builds, ev.healthy_split, ev.max_healthy_volumes, reduce,
-                        desc, filtered=ev.healthy_postprocess)  # fmt: skip
-    for counts in stream:
-        histogram.add(counts)
-    histogram = _merged(histogram)
-    if histogram.volumes == 0:
-        raise ConfigError("eval.healthy_split", f"{ev.healthy_split!r} has no volumes")
-    return sh.quantile(histogram.counts, ev.healthy_quantile), histogram.volumes
-
-
-def validation_threshold(config, scorer: Scorer, builds, dataset: str) -> tuple[float | None, int]:
-    """Threshold tuned on the dataset's lesion validation split (pooled Dice, spec §7), or None
-    without one; from the merged histograms of all and of lesion voxels."""
-    part = f"{dataset.lower()}_val"
-    if not builds.has(part):
-        return None, 0
-
-    def reduce(rec, sv):
-        seg = rec.seg if rec.seg is not None else np.zeros(sv.score.shape, np.uint8)
-        return sh.volume_counts_with_lesion(sv.score, seg, name=rec.subject_id)
-
-    histogram = sh.Histogram(columns=2)
-    _, stream = _scored(config, scorer, builds, part, config.eval.max_volumes, reduce,
-                        f"{dataset} validation")  # fmt: skip
-    for counts in stream:
-        histogram.add(counts)
-    histogram = _merged(histogram)
-    if histogram.volumes == 0:
-        return None, 0
-    return sh.best_dice_threshold(histogram.counts), histogram.volumes
+from p2l.eval_thresholds import healthy_thresholds, scored, validation_thresholds
 
 
 def _csv_text(rows: list[dict]) -> str:
@@ -125,89 +61,113 @@ def figure_threshold(policy_thresholds: dict) -> float | None:
     return next((v for v in policy_thresholds.values() if v is not None), None)
 
 
-def _volume_result(config, dataset, fixed, excluded_ids, with_figure, rec, sv):
-    """Metrics row of one test volume (a worker thread), and its figure data when kept."""
-    if rec.seg is None:
-        raise ConfigError("test_sets", f"{dataset} volumes have no segmentation")
-    excluded = rec.subject_id in excluded_ids
+def _detector_row(config, dataset, fixed, excluded, rec, score) -> dict:
+    """Metrics of one detector's post-processed map of one test volume."""
     if excluded:  # a validation subject: no validation-tuned number on it (p2l.protocols)
         fixed = {k: v for k, v in fixed.items() if k != thresholds.VALIDATION}
     row = {"dataset": dataset, "subject_id": rec.subject_id, protocols.VALIDATION_SUBJECT: excluded}
-    row.update(
-        metrics.volume_metrics(
-            sv.score,
-            rec.seg,
-            rec.mask,
-            fixed,
-            min_component_voxels=config.eval.min_component_voxels,
-            name=rec.subject_id,
-        )
-    )
+    row.update(metrics.volume_metrics(score, rec.seg, rec.mask, fixed,
+                                      min_component_voxels=config.eval.min_component_voxels,
+                                      name=rec.subject_id))  # fmt: skip
     brain = rec.mask > 0
     lesion = brain & (rec.seg > 0)
     # The spec's AUROC/AUPRC count every voxel (spec §6), background too, where the score is 0
     # and which is easy to rank below lesions; these count the brain alone.
     if lesion.any() and not lesion[brain].all():
-        row["auroc_brain"] = metrics.auroc(sv.score[brain], rec.seg[brain] > 0, name=rec.subject_id)
-        row["auprc_brain"] = metrics.auprc(sv.score[brain], rec.seg[brain] > 0, name=rec.subject_id)
+        row["auroc_brain"] = metrics.auroc(score[brain], rec.seg[brain] > 0, name=rec.subject_id)
+        row["auprc_brain"] = metrics.auprc(score[brain], rec.seg[brain] > 0, name=rec.subject_id)
     # Do lesion voxels score higher than the rest of the brain? (the paper's premise)
-    row["score_lesion_mean"] = float(sv.score[lesion].mean()) if lesion.any() else np.nan
-    row["score_normal_brain_mean"] = float(sv.score[brain & ~lesion].mean())
-    row["patches_evaluated"] = sv.patches_evaluated
+    row["score_lesion_mean"] = float(score[lesion].mean()) if lesion.any() else np.nan
+    row["score_normal_brain_mean"] = float(score[brain & ~lesion].mean())
+    return row
+
+
+def _volume_result(config, dataset, fixed, excluded_ids, with_figure, opened, rec, sv):
+    """Metrics rows of one test volume, one per detector (a worker thread), and its figure data
+    when kept: the primary detector's full maps, and a 2-D slice of every detector's map."""
+    if rec.seg is None:
+        raise ConfigError("test_sets", f"{dataset} volumes have no segmentation")
+    excluded = rec.subject_id in excluded_ids
+    rows = {}
+    for name, key in opened.names.items():
+        row = _detector_row(config, dataset, fixed[name], excluded, rec, sv.maps[key])
+        row["patches_evaluated"] = sv.patches_evaluated
+        rows[name] = {"detector": name, **row}
     kept = None
     if with_figure(rec.subject_id):
-        thr = figure_threshold(fixed)
-        density = (np.log(sv.maps["error"][brain] + 1e-10), sv.maps["logvar"][brain],
-                   rec.seg[brain] > 0)  # fmt: skip
-        kept = (rec, sv.score, thr, density)
-    return row, kept
+        brain = rec.mask > 0
+        thr = {name: figure_threshold(fixed[name]) for name in opened.names}
+        primary = sv.maps[opened.names[opened.primary]]
+        density = None
+        if "error" in sv.maps:  # Patch2Loc's heatmap parts
+            density = (np.log(sv.maps["error"][brain] + 1e-10), sv.maps["logvar"][brain],
+                       rec.seg[brain] > 0)  # fmt: skip
+        panels = None
+        if len(opened.names) > 1:
+            maps = {n: sv.maps[k] for n, k in opened.names.items()}
+            preds = {n: thresholds.predict(m, thr[n]) & brain for n, m in maps.items()
+                     if thr[n] is not None}  # fmt: skip
+            panels = detector_figures.slice_panels(rec.image, rec.mask, rec.seg, maps, preds)
+        kept = (rec, primary, thr[opened.primary], density, panels)
+    return rows, kept
 
 
-def evaluate_set(config, scorer: Scorer, builds, dataset: str, policy_thresholds, out: Path,
+def _figures(out: Path, dataset: str, split: str, primary: str, rows: dict, kept, density):
+    rec, score, thr, dens, panels = kept
+    row = rows[primary]
+    figures.overlay(
+        out / f"{split}_{rec.subject_id}_overlay.png", rec.image, score, rec.mask, rec.seg,
+        None if thr is None else thresholds.predict(score, thr) & (rec.mask > 0),
+        title=f"{dataset} {rec.subject_id} ({primary}): Dice[oracle] {row['dice[oracle]']:.3f}, "
+        f"AUPRC {row['auprc']:.3f}",
+    )  # fmt: skip
+    if panels is not None:
+        notes = {n: f"AUPRC {r['auprc']:.3f}, Dice[oracle] {r['dice[oracle]']:.3f}"
+                 for n, r in rows.items()}  # fmt: skip
+        detector_figures.side_by_side(out / f"{split}_{rec.subject_id}_detectors.png", panels,
+                                      title=f"{dataset} {rec.subject_id}", notes=notes)  # fmt: skip
+    if dens is not None:
+        for k, part in zip(("err", "var", "lesion"), dens):
+            density[k].append(part)
+
+
+def evaluate_set(config, opened, builds, dataset: str, policy_thresholds: dict, out: Path,
                  excluded_ids=frozenset()):  # fmt: skip
-    """Per-volume rows of a test set (all processes', in volume order); writes CSV and figures.
+    """Per-volume rows of a test set (all processes', in volume order, one per detector and
+    volume); writes `<set>_volumes.csv` (a `detector` column) and the figures.
 
-    `excluded_ids`: validation subjects, scored without the validation policy (p2l.protocols)."""
+    `policy_thresholds`: {detector: {policy: threshold}}. `excluded_ids`: validation subjects,
+    scored without the validation policy (p2l.protocols)."""
     ev = config.eval
     split = dataset.lower()
-    fixed = {k: v for k, v in policy_thresholds.items() if v is not None}
+    fixed = {d: {k: v for k, v in p.items() if v is not None} for d, p in policy_thresholds.items()}
     ids = builds.subject_ids(split)
     figure_ids = set(ids[: ev.num_figures])
 
     def reduce(rec, sv):
         return _volume_result(config, dataset, fixed, excluded_ids, figure_ids.__contains__,
-                              rec, sv)  # fmt: skip
+                              opened, rec, sv)  # fmt: skip
 
-    rows, density = [], {"err": [], "var": [], "lesion": []}
-    _, stream = _scored(config, scorer, builds, split, ev.max_volumes, reduce, f"{dataset} test")
+    volumes, density = [], {"err": [], "var": [], "lesion": []}
+    _, stream = scored(config, opened.scorer, builds, split, ev.max_volumes, reduce,
+                       f"{dataset} test")  # fmt: skip
     t0 = time.perf_counter()
-    for row, kept in stream:
+    for rows, kept in stream:
         # Pipelined: the time from the previous volume's result to this one's.
-        row["seconds"] = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
-        rows.append(row)
+        for row in rows.values():
+            row["seconds"] = seconds
+        volumes.append(list(rows.values()))
         if kept is not None:
-            rec, score, thr, (err, var, les) = kept
-            figures.overlay(
-                out / f"{split}_{rec.subject_id}_overlay.png",
-                rec.image,
-                score,
-                rec.mask,
-                rec.seg,
-                None if thr is None else thresholds.predict(score, thr) & (rec.mask > 0),
-                title=f"{dataset} {rec.subject_id}: Dice[oracle] {row['dice[oracle]']:.3f}, "
-                f"AUPRC {row['auprc']:.3f}",
-            )
-            density["err"].append(err)
-            density["var"].append(var)
-            density["lesion"].append(les)
-            del kept, rec, score
+            _figures(out, dataset, split, opened.primary, rows, kept, density)
+            del kept
     # Per-volume rows of all processes, in volume order; written once, by process 0.
     from p2l import parallel
 
-    shares = parallel.gather_objects(rows)
+    shares = parallel.gather_objects(volumes)
     rows = [r for i in range(max(map(len, shares), default=0)) for s in shares if i < len(s)
-            for r in [s[i]]]  # fmt: skip
+            for r in s[i]]  # fmt: skip
     if jax.process_index() == 0:
         write_text_atomic(out / f"{split}_volumes.csv", _csv_text(rows))
     if density["err"]:
@@ -221,23 +181,27 @@ def evaluate_set(config, scorer: Scorer, builds, dataset: str, policy_thresholds
     return rows
 
 
-def healthy_test(config, scorer: Scorer, builds, stored: dict, out: Path) -> dict:
-    """Flagged fraction of held-out healthy brains at every stored threshold (p2l.healthy_fpr);
-    writes `<split>_healthy_volumes.csv`."""
+def healthy_test(config, opened, builds, stored: dict, out: Path) -> dict:
+    """Flagged fraction of held-out healthy brains at every stored threshold of every detector
+    (p2l.healthy_fpr); writes `<split>_healthy_volumes.csv`; {detector: summary}."""
     split = config.eval.healthy_test_split
 
     def reduce(rec, sv):
-        return healthy_fpr.volume_row(rec.subject_id, sv.score, rec.mask, stored)
+        return [{"detector": d, **healthy_fpr.volume_row(rec.subject_id, sv.maps[k], rec.mask,
+                                                          stored[d])}
+                for d, k in opened.names.items()]  # fmt: skip
 
-    _, stream = _scored(config, scorer, builds, split, config.eval.max_healthy_volumes, reduce,
-                        f"healthy IXI ({split})",
-                        filtered=config.eval.healthy_postprocess)  # fmt: skip
+    _, stream = scored(config, opened.scorer, builds, split, config.eval.max_healthy_volumes,
+                       reduce, f"healthy IXI ({split})",
+                       filtered=config.eval.healthy_postprocess)  # fmt: skip
     from p2l import parallel
 
-    rows = [r for share in parallel.gather_objects(list(stream)) for r in share]
+    rows = [r for share in parallel.gather_objects(list(stream)) for vol in share for r in vol]
     if jax.process_index() == 0:
         write_text_atomic(out / f"{split}_healthy_volumes.csv", _csv_text(rows))
-    return {"split": split, **healthy_fpr.summarise(rows, stored)}
+    return {d: {"split": split, **healthy_fpr.summarise([r for r in rows if r["detector"] == d],
+                                                        stored[d])}
+            for d in opened.names}  # fmt: skip
 
 
 def uncertainty_report(config, model, variables, builds, out: Path, writer, step: int) -> dict:
@@ -271,8 +235,18 @@ def excluded_subjects(builds, dataset: str) -> set[str]:
                                          builds.subject_ids(part))  # fmt: skip
 
 
+def _set_summary(rows: list[dict], healthy_name: str, n_val: int | None) -> dict:
+    return {"volumes": len(rows), "metrics": results_summary.aggregate_by_protocol(rows),
+            "protocols": protocols.describe(rows, healthy_name, n_val)}  # fmt: skip
+
+
 def evaluate(config, workdir: str | Path) -> dict:
-    """Evaluates the latest checkpoint of `workdir`; returns (and writes) the summary."""
+    """Evaluates the latest checkpoint of `workdir`; returns (and writes) the summary.
+
+    Every detector of the run (p2l.detectors: the run's own; with `eval.pixel_workdir` also the
+    DAE and the fusion rules) is scored on the same volumes in the same pass, with its own stored
+    thresholds. summary["sets"] and summary["thresholds"] are the run's own detector's (as before
+    fusion existed); summary["detectors"][name] holds every detector's."""
     from p2l import input_pipeline  # the tfds build (TensorFlow): scoring stays free of it
 
     config_check.check_paths(config)
@@ -281,60 +255,59 @@ def evaluate(config, workdir: str | Path) -> dict:
     # Before hours of heatmaps: a read-only or full results folder stops here, in one line.
     # 100 MB: a nominal size for the CSVs, summary and figures of a run.
     disk_check.check_writable(out, 100 * 10**6, "evaluation")
-    model, variables, step = train_state.restore_variables(config, workdir)
+    opened = detectors.open_run(config, workdir)
     builds = input_pipeline.build_dataset(config)
-    scorer = Scorer(config, model, variables)
     t_start = time.perf_counter()
     healthy_name = thresholds.healthy_policy_name(config.eval.healthy_quantile)
-    healthy, n_healthy = healthy_threshold(config, scorer, builds)
-    summary = {
-        "workdir": str(workdir),
-        "name": config.name,
-        "modality": config.modality,
-        "fold": config.fold,
-        "seed": config.seed,
-        "checkpoint_step": step,
-        "devices": [str(d) for d in jax.devices()],
-        "eval": config.eval.to_dict(),
-        "thresholds": {
-            healthy_name: {
-                "value": healthy,
-                "volumes": n_healthy,
-                "bin_width": sh.bin_width(healthy),
-            }
-        },  # fmt: skip
-        "sets": {},
-    }
+    healthy, n_healthy, fusion_params = healthy_thresholds(config, opened, builds, out)
+    per_detector = {d: {"thresholds": {healthy_name: {
+        "value": healthy[d], "volumes": n_healthy, "bin_width": sh.bin_width(healthy[d])}},
+        "sets": {}} for d in opened.names}  # fmt: skip
     for dataset in config.test_sets:
-        val_thr, n_val = validation_threshold(config, scorer, builds, dataset)
-        summary["thresholds"][f"{thresholds.VALIDATION}[{dataset}]"] = {
-            "value": val_thr,
-            "volumes": n_val,
-            "bin_width": None if val_thr is None else sh.bin_width(val_thr),
-        }
-        stored = {thresholds.VALIDATION: val_thr, healthy_name: healthy}
-        policy = {p.name: stored[p.name] for p in thresholds.policies(config.eval.healthy_quantile)
-                  if not p.per_volume}  # fmt: skip
-        excluded = excluded_subjects(builds, dataset) if val_thr is not None else set()
-        rows = evaluate_set(config, scorer, builds, dataset, policy, out, excluded)
-        summary["sets"][dataset] = {
-            "volumes": len(rows),
-            "metrics": results_summary.aggregate_by_protocol(rows),
-            "protocols": protocols.describe(
-                rows, healthy_name, None if val_thr is None else n_val
-            ),  # fmt: skip
-        }
+        val_thr, n_val = validation_thresholds(config, opened, builds, dataset)
+        policy = {}
+        for d in opened.names:
+            value = val_thr.get(d)
+            per_detector[d]["thresholds"][f"{thresholds.VALIDATION}[{dataset}]"] = {
+                "value": value, "volumes": n_val,
+                "bin_width": None if value is None else sh.bin_width(value)}  # fmt: skip
+            stored = {thresholds.VALIDATION: value, healthy_name: healthy[d]}
+            policy[d] = {p.name: stored[p.name]
+                         for p in thresholds.policies(config.eval.healthy_quantile)
+                         if not p.per_volume}  # fmt: skip
+        excluded = excluded_subjects(builds, dataset) if val_thr else set()
+        rows = evaluate_set(config, opened, builds, dataset, policy, out, excluded)
+        for d in opened.names:
+            mine = [r for r in rows if r["detector"] == d]
+            per_detector[d]["sets"][dataset] = _set_summary(mine, healthy_name,
+                                                            n_val if val_thr else None)  # fmt: skip
+    primary = per_detector[opened.primary]
+    summary = {
+        "workdir": str(workdir), "name": config.name, "modality": config.modality,
+        "fold": config.fold, "seed": config.seed, "checkpoint_step": opened.step,
+        "devices": [str(d) for d in jax.devices()], "eval": config.eval.to_dict(),
+        "detector": opened.primary, "thresholds": primary["thresholds"], "sets": primary["sets"],
+        "detectors": per_detector,
+    }  # fmt: skip
+    if opened.fused:
+        summary["fusion"] = {"rules": list(opened.scorer.rules), "params": fusion_params,
+                             "pixel_run": opened.pixel}  # fmt: skip
     if config.eval.get("healthy_test_split"):
-        stored = {k: v["value"] for k, v in summary["thresholds"].items() if v["value"] is not None}
-        summary["healthy_test"] = healthy_test(config, scorer, builds, stored, out)
+        stored = {d: {k: v["value"] for k, v in per_detector[d]["thresholds"].items()
+                      if v["value"] is not None} for d in opened.names}  # fmt: skip
+        tested = healthy_test(config, opened, builds, stored, out)
+        for d, result in tested.items():
+            per_detector[d]["healthy_test"] = result
+        summary["healthy_test"] = tested[opened.primary]
     writer = eval_tensorboard.open_writer(workdir) if jax.process_index() == 0 else None
-    if config.eval.get("uncertainty_report") and writer is not None:
-        summary["uncertainty"] = uncertainty_report(config, model, variables, builds, out,
-                                                    writer, step)  # fmt: skip
+    report = config.eval.get("uncertainty_report") and opened.primary == "patch2loc"
+    if report and writer is not None:
+        summary["uncertainty"] = uncertainty_report(config, opened.model, opened.variables,
+                                                    builds, out, writer, opened.step)  # fmt: skip
     summary["seconds"] = time.perf_counter() - t_start
     summary["processes"] = jax.process_count()
     if writer is not None:
         write_json_atomic(out / "summary.json", results_summary.json_safe(summary))
-        eval_tensorboard.write(writer, step, summary, sorted(out.glob("*_overlay.png")))
+        eval_tensorboard.write(writer, opened.step, summary, sorted(out.glob("*_overlay.png")))
         writer.close()
     return summary

@@ -29,6 +29,21 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
+def jit_train_step(step, mesh: Mesh):
+    """`step(state, batch, key) -> (state, metrics)` jitted over `mesh`: batch sharded, state,
+    key and outputs replicated, the input state donated (its buffers become the new state's)."""
+    repl, data = replicated(mesh), batch_sharded(mesh)
+    return jax.jit(step, in_shardings=(repl, data, repl), out_shardings=(repl, repl),
+                   donate_argnums=(0,))  # fmt: skip
+
+
+def jit_eval_step(step, mesh: Mesh):
+    """`step(state, batch, key) -> metrics` jitted over `mesh`: batch sharded, the rest
+    replicated."""
+    repl = replicated(mesh)
+    return jax.jit(step, in_shardings=(repl, batch_sharded(mesh), repl), out_shardings=repl)
+
+
 def padded_size(n: int, multiple: int) -> int:
     """n rounded up to a multiple (e.g. 356 slices on 8 devices -> 360)."""
     return math.ceil(n / multiple) * multiple

@@ -95,19 +95,29 @@ def format_summary(summary: dict) -> str:
         "| set | volumes | " + " | ".join(h for _, h in columns) + " |",
         "|---|---|" + "---|" * len(columns),
     ]
-    for name, res in summary["sets"].items():
-        cells = []
-        for key, _ in columns:
-            m = res["metrics"].get(key)
-            if not m or m.get("mean") is None:
-                cells.append("n/a")
-            else:
-                cells.append(f"{100 * m['mean']:.2f} ± {100 * (m.get('std') or 0):.2f}")
-        lines.append(f"| {name} | {res['volumes']} | " + " | ".join(cells) + " |")
-    thr = ", ".join(
-        f"{k}={v['value']:.4g}" for k, v in summary["thresholds"].items() if v["value"] is not None
-    )
-    lines.append(f"thresholds: {thr}")
+    # Runs scoring several detectors (p2l.detectors) get one row per set and detector.
+    per_detector = summary.get("detectors") or {}
+    several = len(per_detector) > 1
+    if several:
+        lines[1] = lines[1].replace("| set |", "| set | detector |")
+        lines[2] = "|---" + lines[2]
+    runs = per_detector.items() if several else [(None, summary)]
+    for name in summary["sets"]:
+        for detector, result in runs:
+            res = result["sets"][name]
+            cells = []
+            for key, _ in columns:
+                m = res["metrics"].get(key)
+                if not m or m.get("mean") is None:
+                    cells.append("n/a")
+                else:
+                    cells.append(f"{100 * m['mean']:.2f} ± {100 * (m.get('std') or 0):.2f}")
+            label = f"{name} | {detector}" if several else name
+            lines.append(f"| {label} | {res['volumes']} | " + " | ".join(cells) + " |")
+    for detector, result in runs:
+        thr = ", ".join(f"{k}={v['value']:.4g}" for k, v in result["thresholds"].items()
+                        if v["value"] is not None)  # fmt: skip
+        lines.append(f"thresholds{f' ({detector})' if several else ''}: {thr}")
     lines.extend(protocol_lines(summary))
     healthy = summary.get("healthy_test")
     if healthy:  # p2l.healthy_fpr

@@ -59,7 +59,9 @@ def window_scalars(window: list[dict]) -> dict:
     }
 
 
-def progress_line(step: int, total: int, scalars: dict, steps_per_s: float, patches_per_s: float):
+def progress_line(step: int, total: int, scalars: dict, steps_per_s: float, patches_per_s: float,
+                  unit: str = "patches"):  # fmt: skip
+    """One progress line; `patches_per_s` counts `unit` (slices for the DAE, p2l.dae_step)."""
     eta = (total - step) / steps_per_s if steps_per_s > 0 else float("nan")
     parts = [
         f"step {step}/{total}",
@@ -69,10 +71,11 @@ def progress_line(step: int, total: int, scalars: dict, steps_per_s: float, patc
         parts.append("val n/a (no valid patch in the drawn validation slices)")
     elif "val_loss" in scalars:
         parts.append(f"val {scalars['val_loss']:.4f}")
+    if "valid_patches" in scalars:
+        parts.append(f"valid patches {scalars['valid_patches']:,.0f}")
     parts += [
-        f"valid patches {scalars.get('valid_patches', 0):,.0f}",
         f"{steps_per_s:.2f} steps/s",
-        f"{patches_per_s:,.0f} patches/s",
+        f"{patches_per_s:,.0f} {unit}/s",
         f"eta {format_duration(eta) if eta == eta else '?'}",
     ]
     if scalars.get("overflow", 0) > 0:

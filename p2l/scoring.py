@@ -33,6 +33,19 @@ class ScoredVolume:
         return self.maps["score"]
 
 
+def postprocessed(eval_config, subject_id: str, score, mask, median: int):
+    """(post-processed score, the mask it was masked with) of a raw per-voxel score: the brain
+    mask eroded by `eval_config.erode_mask_iterations` when that is set, then the median filter
+    of side `median` (0: none) and the masking of spec §5.4-§5.5 (`p2l.postprocess`). Every
+    detector's score goes through it (Patch2Loc's here, the DAE's in p2l.dae_scoring), so the
+    detectors compared and fused are post-processed alike."""
+    work_mask = mask
+    if eval_config.erode_mask_iterations:
+        work_mask = postprocess.erode_brain_mask(mask, eval_config.erode_mask_iterations)
+    score = postprocess.postprocess(score, work_mask, median_size=median or None, name=subject_id)
+    return score, work_mask
+
+
 class PendingScore:
     """A volume whose heatmap is dispatched to the devices; `result()` post-processes it."""
 
@@ -44,12 +57,8 @@ class PendingScore:
     def result(self) -> ScoredVolume:
         subject_id, image, mask, seg, median = self._args
         raw = self._pending.result()
-        ev = self._scorer.config.eval
-        work_mask = mask
-        if ev.erode_mask_iterations:
-            work_mask = postprocess.erode_brain_mask(mask, ev.erode_mask_iterations)
-        score = postprocess.postprocess(
-            raw.score, work_mask, median_size=median or None, name=subject_id
+        score, work_mask = postprocessed(
+            self._scorer.config.eval, subject_id, raw.score, mask, median
         )
         maps = {"score": score, "error": raw.error, "logvar": raw.logvar}
         return ScoredVolume(subject_id, image, work_mask, seg, maps, raw.patches_evaluated)

@@ -35,6 +35,32 @@ class TrainState:
     opt_state: Any
 
 
+def keep_if_finite(finite: jax.Array, new_state: TrainState, old_state: TrainState) -> TrainState:
+    """`new_state` when `finite` (a scalar bool), else `old_state`, leaf by leaf: a training step
+    whose loss or gradients are not finite changes nothing, step count included, so no NaN ever
+    reaches a checkpoint. Both states must have the same structure."""
+    return jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new_state, old_state)
+
+
+def apply_step(tx, state: TrainState, loss, grads, batch_stats, batch: dict):
+    """(new state, metrics) of one optimiser step, kept only when the loss and the gradient norm
+    are finite (`keep_if_finite`); the metrics every method's step reports: loss, grad_norm,
+    param_norm, finite, and the multi-process stop flag when the batch carries one."""
+    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    stepped = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                         batch_stats=batch_stats, opt_state=new_opt_state)  # fmt: skip
+    metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "param_norm": optax.global_norm(state.params),
+        "finite": finite.astype(jnp.float32),
+        **({"stop": jnp.max(batch["stop"])} if "stop" in batch else {}),
+    }
+    return keep_if_finite(finite, stepped, state), metrics
+
+
 def make_optimizer(config) -> optax.GradientTransformation:
     # Adam, betas (0.9, 0.999), eps 1e-8, constant lr, no weight decay or clipping (spec §3.3).
     return optax.adam(config.optim.learning_rate, b1=0.9, b2=0.999, eps=1e-8)
@@ -86,9 +112,16 @@ def restore_variables(config, workdir: str | Path) -> tuple[Any, dict, int]:
             raise DataError(workdir, "no checkpoint found: train first (make train CONFIG=...)")
         check_trained_like(config, workdir, step)
         config_check.check_numerics(config)  # detection reads its config from the run folder
-        model = create_model(config)
-        tx = make_optimizer(config)
-        like = create_train_state(config, model, tx, jax.random.key(0))
+        if config_check.method(config) == "dae":
+            from p2l import dae_model, dae_step
+
+            model = dae_model.create_dae_model(config)
+            tx = dae_step.make_dae_optimizer(config)
+            like = dae_step.create_dae_state(config, model, tx, jax.random.key(0))
+        else:
+            model = create_model(config)
+            tx = make_optimizer(config)
+            like = create_train_state(config, model, tx, jax.random.key(0))
         like = jax.device_put(like, parallel.replicated(parallel.create_mesh()))
         state = ckpt.restore(like, step)
     finally:

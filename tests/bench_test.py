@@ -11,6 +11,7 @@ TINY = [
     "--steps", "2", "--warmup", "1", "--infer-batch", "64", "--infer-reps", "2",
     "--slices", "1", "--stride1-slices", "1", "--full-slices", "2",
     "--pipeline-volumes", "2", "--pipeline-batches", "3",
+    "--dae-width", "4", "--dae-slices", "2", "--dae-steps", "1",
 ]  # fmt: skip
 
 
@@ -40,6 +41,10 @@ def test_bench_prints_one_json_line_with_every_figure(capsys):
     feed = r["feed"]
     assert feed["host_slices_per_s"] > 0 and feed["device_slices_per_s"] > 0
     assert feed["step_s_median"] == tr["step_s_median"] and feed["batches_timed"] == 3
+    dae = r["dae"]
+    assert (dae["width"], dae["train_slices_per_step"], dae["volume_slices"]) == (4, 2, 2)
+    assert dae["train_slices_per_s"] > 0 and dae["infer_slices_per_s"] > 0
+    assert dae["volume_s_with_postprocess"] > 0 and dae["params"] > 0
 
 
 def test_bench_rejects_bad_sizes(capsys):

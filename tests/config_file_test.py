@@ -31,8 +31,9 @@ def _message(spec: str) -> str:
 def test_misspelt_file_lists_the_configs_of_its_folder(in_repo):
     assert _message("experiments/demoo.py") == (
         "config.config: experiments/demoo.py: no such config file; did you mean "
-        "experiments/demo.py? configs there: atlas.py, brats.py, demo.py, mslub.py, "
-        "real_check.py, t1.py, t1_2mm.py, t2.py, wmh.py"
+        "experiments/demo.py? configs there: atlas.py, brats.py, dae_demo.py, dae_t1.py, "
+        "dae_t1_2mm.py, dae_t2.py, demo.py, mslub.py, real_check.py, t1.py, t1_2mm.py, t2.py, "
+        "... (13 in all)"
     )
     assert _message("experimentz/demo.py:tiny").endswith(
         "no such config file (no folder experimentz/)"
@@ -68,7 +69,7 @@ def test_load_config_module_checks_the_variant_so_sweeps_answer_in_one_line(in_r
     assert line.endswith("unknown variant 'tinny' of experiments/demo.py (known: 'tiny')")
     assert sweep.main(["--config", "experiments/demoo.py", "--list"]) == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert "configs there: atlas.py, brats.py, demo.py" in line
+    assert "configs there: atlas.py, brats.py, dae_demo.py" in line
 
 
 def test_other_broken_config_files_are_one_line(tmp_path):

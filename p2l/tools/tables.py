@@ -64,29 +64,44 @@ def collect(root: Path) -> tuple[dict, list[str]]:
             continue
         finished.append((run, name, config, state, (info.get("identity") or {}).get("hash")))
     volumes: dict = defaultdict(lambda: defaultdict(set))  # (name, dataset) -> protocol counts
-    for run, name, config, state in _counted_once(finished, problems):
-        try:
-            rows = _summary_rows(state.summary, config.get("test_sets", []))
-        except (KeyError, TypeError, ValueError, AttributeError) as err:
-            problems.append(f"{run / run_status.SUMMARY}: unexpected content ({err!r})")
-            continue
-        quantile, headline, per_set = rows
-        quantiles.add(quantile)
-        columns.update(headline)
-        for dataset, means in per_set.items():
-            if means is None:
-                problems.append(f"{run}: summary has no {dataset} results")
+    for run, run_name, config, state in _counted_once(finished, problems):
+        for name, summary in detector_summaries(run_name, state.summary):
+            try:
+                rows = _summary_rows(summary, config.get("test_sets", []))
+            except (KeyError, TypeError, ValueError, AttributeError) as err:
+                problems.append(f"{run / run_status.SUMMARY}: unexpected content ({err!r})")
                 continue
-            runs[name][dataset].append(str(run))
-            for key, value in means.items():
-                table[name][dataset][key].append(value)
-            for protocol, found in state.summary["sets"][dataset].get("protocols", {}).items():
-                volumes[name][dataset].add(
-                    (protocol, found.get("volumes"), found.get("excluded_validation_subjects", 0))
-                )
+            quantile, headline, per_set = rows
+            quantiles.add(quantile)
+            columns.update(headline)
+            for dataset, means in per_set.items():
+                if means is None:
+                    problems.append(f"{run}: summary has no {dataset} results")
+                    continue
+                runs[name][dataset].append(str(run))
+                for key, value in means.items():
+                    table[name][dataset][key].append(value)
+                for protocol, found in summary["sets"][dataset].get("protocols", {}).items():
+                    volumes[name][dataset].add(
+                        (
+                            protocol,
+                            found.get("volumes"),
+                            found.get("excluded_validation_subjects", 0),
+                        )
+                    )
     collected = {"table": table, "runs": runs, "columns": columns, "quantiles": sorted(quantiles),
                  "protocols": volumes}  # fmt: skip
     return collected, problems
+
+
+def detector_summaries(name: str, summary: dict) -> list[tuple[str, dict]]:
+    """(row name, summary) per detector of a run: `t2 · dae`, `t2 · fused[product]`, ... for a run
+    that scored several (p2l.detectors), else the run's own name and summary."""
+    per_detector = summary.get("detectors") or {}
+    if len(per_detector) <= 1:
+        return [(name, summary)]
+    return [(f"{name} · {detector}", {**summary, **result})
+            for detector, result in per_detector.items()]  # fmt: skip
 
 
 def _evaluated_at(run: Path) -> float:
