@@ -10,10 +10,7 @@ from experiments import base, dae, t1
 
 
 def get_config(variant: str = ""):
-    if variant not in ("", "tiny"):
-        raise ValueError(f"unknown variant {variant!r} of experiments/dae_t1.py (known: 'tiny')")
-    c = dae.as_dae(t1.get_config(variant), "dae_t1")
-    return dae.tiny(c) if variant == "tiny" else c
+    return dae.of_paper_config(t1, "dae_t1", variant)
 
 
 sweep = base.five_folds

@@ -17,13 +17,7 @@ def get_config(variant: str = ""):
         return dae.tiny(c)
     if variant == "cpu":
         # What the check trains on 2 CPU cores in about a quarter of an hour: width 16 (1/16 of
-        # the faithful U-Net's arithmetic), 600 steps of 16 slices at 1e-3 (their code's default
-        # rate; 1e-4 is for their 67,200 steps), cosine to 0.
-        c.dae.width = 16
-        c.num_steps = 600
-        c.optim.decay_steps = 600
-        c.optim.learning_rate = 1e-3
-        c.log_every = 50
-        c.eval_every = 100
+        # the faithful U-Net's arithmetic), 600 steps.
+        c = dae.for_cpu(c, width=16, steps=600)
         c.checkpoint_every = 200
     return c

@@ -10,10 +10,7 @@ from experiments import base, dae, t2
 
 
 def get_config(variant: str = ""):
-    if variant not in ("", "tiny"):
-        raise ValueError(f"unknown variant {variant!r} of experiments/dae_t2.py (known: 'tiny')")
-    c = dae.as_dae(t2.get_config(variant), "dae_t2")
-    return dae.tiny(c) if variant == "tiny" else c
+    return dae.of_paper_config(t2, "dae_t2", variant)
 
 
 sweep = base.five_folds

@@ -201,7 +201,9 @@ def _open(config, workdir: Path, args):
             "not a trained DAE run folder (no run_info.json): train one first, e.g. make train "
             "CONFIG=experiments/dae_t2.py",
         )
-    if config.get("method", "patch2loc") != "patch2loc":
+    from p2l.config_check import method
+
+    if method(config) != "patch2loc":
         raise ConfigError("dae-workdir", f"--workdir {workdir} must be a Patch2Loc run to fuse")
     config.eval.pixel_workdir = str(args.dae_workdir)
     config.eval.fusion = (args.fusion,)
@@ -239,7 +241,7 @@ def parse_args(argv=None):
     ap.add_argument(
         "--fusion",
         default="product",
-        choices=("product", "zsum", "gate"),
+        choices=fusion.RULES,
         help="fusion rule with --dae-workdir (p2l.fusion; default product)",
     )
     return ap.parse_args(argv)
