@@ -41,7 +41,7 @@ test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-slow: venv
-	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m slow --durations=25 $(PYTEST_ARGS)
 
 # The real-data checks on ../shared/data: the one-subject T2 check (data_prep/real_check.py) and
 # the 2 mm T1 check from 138 real healthy IXI heads (data_prep/real_check_t1.py); per-case tables.

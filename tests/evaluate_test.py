@@ -53,7 +53,7 @@ def test_evaluation_writes_results_figures_and_labelled_thresholds(trained):
         assert key in m and m[key]["n"] == 2
     assert 0.0 <= m["auroc"]["mean"] <= 1.0
     rows = (results / "synth_volumes.csv").read_text().splitlines()
-    assert len(rows) == 3 and rows[0].startswith("dataset,subject_id")
+    assert len(rows) == 3 and rows[0].startswith("detector,dataset,subject_id")
     assert (results / "synth_error_vs_variance.png").stat().st_size > 0
     assert len(list(results.glob("synth_*_overlay.png"))) == 1
     text = results_summary.format_summary(summary)

@@ -60,9 +60,14 @@ def test_short_check_end_to_end(shared_dir, tmp_path, capfd):
     """8 training subjects, 3 validation, 3 healthy test, the fast registration schedule and
     the tiny training: the code path of `make real-check`'s T1 check, on real scans."""
     overrides = {"eval.max_volumes": 0, "eval.max_healthy_volumes": 0}
-    rows = real_check_t1.run(shared_dir, tmp_path, "tiny", 8, 3, fast_prep=True, **overrides)
+    all_rows = real_check_t1.run(shared_dir, tmp_path, "tiny", 8, 3, fast_prep=True, **overrides)
     printed = capfd.readouterr().out
+    # One row per case and detector: Patch2Loc, the DAE and the three fusion rules.
+    assert {r["detector"] for r in all_rows} == {
+        "patch2loc", "dae", "fused[product]", "fused[zsum]", "fused[gate]"}  # fmt: skip
+    rows = [r for r in all_rows if r["detector"] == "patch2loc"]
     assert {r["dataset"] for r in rows} == {"MSLUB", "BraTS15"} and len(rows) == 6
+    assert len(all_rows) == 5 * len(rows)
     for r in rows:  # in-brain AUROC/AUPRC: defined for every case (lesion and normal brain)
         assert 0.0 <= float(r["auroc_brain"]) <= 1.0 and 0.0 < float(r["auprc_brain"]) <= 1.0
     assert "| MSLUB/patient07 |" in printed and "healthy brain > healthy_q98" in printed
