@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.adapters import Subject, discover, get_spec
-from data_prep.atlas import Atlas, load_atlas
-from data_prep.nifti import read_ants
 from data_prep.pipeline import read_given_mask
-from data_prep.skull_strip import skull_strip
-from data_prep.steps import RegistrationParams, reorient_resample
 from p2l.errors import ConfigError, P2LError
+from p2l.preparation.ants_io import read_ants
+from p2l.preparation.atlas import Atlas, load_atlas
+from p2l.preparation.skull_strip import skull_strip
+from p2l.preparation.steps import RegistrationParams, reorient_resample
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -22,9 +22,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from data_prep.nifti import sha256_file
 from p2l.atomic_write import write_text_atomic
 from p2l.errors import DataError
+from p2l.preparation.ants_io import sha256_file
 
 MANIFEST_NAME = "manifest.jsonl"
 FORMAT_VERSION = 1

@@ -21,7 +21,6 @@ import ants
 import numpy as np
 
 from data_prep.adapters import DatasetSpec, Source, Subject, output_paths
-from data_prep.atlas import Atlas, is_unit_spacing
 from data_prep.manifest import (
     FORMAT_VERSION,
     config_key,
@@ -29,9 +28,11 @@ from data_prep.manifest import (
     intensity_stats,
     mask_stats,
 )
-from data_prep.nifti import read_ants, sha256_file, write_ants_atomic
-from data_prep.skull_strip import default_method, skull_strip
-from data_prep.steps import (
+from p2l.errors import ConfigError, DataError
+from p2l.preparation.ants_io import read_ants, sha256_file, write_ants_atomic
+from p2l.preparation.atlas import Atlas, is_unit_spacing
+from p2l.preparation.skull_strip import ATLAS_FALLBACK_VERSION, default_method, skull_strip
+from p2l.preparation.steps import (
     N4Params,
     RegistrationParams,
     affine_summary,
@@ -45,7 +46,6 @@ from data_prep.steps import (
     shift_to_positive,
     warp_to_atlas,
 )
-from p2l.errors import ConfigError, DataError
 
 # Bump when the processing changes for the same configuration, so restarts redo old outputs.
 PIPELINE_VERSION = "1"
@@ -105,6 +105,8 @@ def scan_key(config: PrepConfig, atlas: Atlas, subject: Subject, modality: str, 
     if method == "given-mask":  # only then: other methods keep their earlier keys
         mask = subject.brain_mask
         payload["given_mask"] = mask.identity() if mask is not None else None
+    if method == "atlas":  # the fallback changed (several starts): its scans are redone
+        payload["atlas_fallback"] = ATLAS_FALLBACK_VERSION
     return config_key(payload)
 
 

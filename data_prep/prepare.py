@@ -32,13 +32,13 @@ from data_prep.adapters import (
     output_paths,
     shared_paths,
 )
-from data_prep.atlas import Atlas, load_atlas
 from data_prep.manifest import read_manifest, tool_versions, verify_outputs, write_manifest
-from data_prep.nifti import link_atomic
 from data_prep.pipeline import PrepConfig, prepare_scan, scan_key, skull_strip_method
-from data_prep.skull_strip import QUALITY, describe_hd_bet_env, hd_bet_command
-from data_prep.steps import N4Params, RegistrationParams
 from p2l.errors import ConfigError, P2LError
+from p2l.preparation.ants_io import link_atomic
+from p2l.preparation.atlas import Atlas, load_atlas
+from p2l.preparation.skull_strip import QUALITY, describe_hd_bet_env, hd_bet_command
+from p2l.preparation.steps import N4Params, RegistrationParams
 
 logger = logging.getLogger("data_prep.prepare")
 

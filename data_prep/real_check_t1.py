@@ -166,6 +166,11 @@ def main(argv=None) -> int:
         return 0
     run(shared, workdir, args.variant, args.train_subjects, args.held_out_subjects,
         args.fast_prep, dae=not args.no_dae)  # fmt: skip
+    held_out = split_ids(ixi_ids(shared), args.train_subjects, args.held_out_subjects)[2][0]
+    raw = next((shared / "data" / IXI_HH).rglob(f"{held_out}_T1.nii.gz"))
+    print(f"A lesion map for a raw head, straight from the scanner (here a held-out healthy one):\n"
+          f"  python -m p2l.detect --workdir {workdir / 'run'} --input {raw} "
+          f"--output {workdir / 'detect' / held_out}")  # fmt: skip
     return 0
 
 

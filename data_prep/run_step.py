@@ -23,11 +23,13 @@ from pathlib import Path
 
 import ants
 
-from data_prep.atlas import load_atlas
 from data_prep.manifest import tool_versions
-from data_prep.nifti import read_ants, sha256_file, write_ants_atomic
-from data_prep.skull_strip import describe_hd_bet_env, skull_strip
-from data_prep.steps import (
+from p2l.atomic_write import write_text_atomic
+from p2l.errors import ConfigError, P2LError
+from p2l.preparation.ants_io import read_ants, sha256_file, write_ants_atomic
+from p2l.preparation.atlas import load_atlas
+from p2l.preparation.skull_strip import describe_hd_bet_env, skull_strip
+from p2l.preparation.steps import (
     N4Params,
     RegistrationParams,
     binarise_labels,
@@ -39,8 +41,6 @@ from data_prep.steps import (
     reorient_resample,
     warp_to_atlas,
 )
-from p2l.atomic_write import write_text_atomic
-from p2l.errors import ConfigError, P2LError
 
 Outputs = dict[str, tuple[ants.ANTsImage, str]]  # name -> (image, kind)
 

@@ -32,9 +32,9 @@ import numpy as np
 
 from data_prep.adapters import DATASETS, shared_paths
 from data_prep.manifest import MANIFEST_NAME, read_manifest, verify_outputs
-from data_prep.nifti import sha256_file
-from data_prep.skull_strip import PLAUSIBLE_BRAIN_ML
 from p2l.errors import DataError, P2LError
+from p2l.preparation.ants_io import sha256_file
+from p2l.preparation.skull_strip import PLAUSIBLE_BRAIN_ML
 from p2l.splits import read_ixi_split, read_test_split
 
 _DTYPES = {"image": "float32", "mask": "float32", "seg": "uint8"}

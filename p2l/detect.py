@@ -1,236 +1,175 @@
-"""Lesion heatmap for one scan: python -m p2l.detect --workdir W --input scan.nii.gz --modality t2
-[--brain-mask m.nii.gz] --output PREFIX.
+"""Lesion maps for scans straight from the scanner, or already prepared ones, in one command:
 
-Brings the scan to the orientation the model was trained in (W/training_space.json, see
-p2l.orientation: an exact axis permutation/flip, no resampling), runs the training-time
-normalisation (spec §2.2), the sliding-window heatmap and post-processing, and writes PREFIX_score
-/ _error / _logvar / _mask .nii.gz in the input scan's own grid and affine (the 192x192x100 crop
-and the reorientation are mapped back; voxels outside the crop are 0), plus PREFIX_overlay.png (in
-the training orientation). The same scan stored in any axis order or flip gives the same maps.
+    python -m p2l.detect --workdir RUN --input raw.nii.gz --output out/case
+    python -m p2l.detect --workdir RUN --input scans/ --output out/        (a folder or a CSV)
 
-The scan must be preprocessed like the training data (skull-stripped, registered, 1 mm: see
-data_prep); spacing and obliqueness are checked, the brain's extent is compared with the training
-brain's (`orientation.REGISTRATION_RULES`). The mask threshold is the one `make eval` stored in
-W/results/summary.json (validation-tuned if available, else the healthy quantile's) or
---threshold.
+A raw head scan (any orientation and voxel size, with skull) gets the preparation the run's
+training data had, read from the run (spacing, skull stripping, atlas, N4: data_prep's manifest,
+p2l.preparation.record): reorient/resample, skull stripping (HD-BET when its `hd-bet` command is
+installed, else the offline atlas method, named in the report), affine registration to the run's
+atlas, crop, N4 (spec §2.1); then the training-time normalisation (spec §2.2), the sliding-window
+heatmap and post-processing (spec §5), and every map is carried back through the inverse of the
+registration onto the input's own grid and affine (p2l.preparation.raw_scan).
+
+A prepared scan (skull-stripped, registered, at the training spacing: `--prepared`, or any scan a
+data_prep manifest lists, or every scan of a run whose data have no preparation record, e.g. the
+demo) is only brought to the training orientation by an exact axis permutation/flip and back.
+
+Per scan: PREFIX_score / _error / _logvar / _brain / _mask .nii.gz on the input's grid and affine
+(open them over the input in ITK-SNAP, FSLeyes or 3D Slicer), PREFIX_overlay.png (the axial
+slices with most flagged voxels) and PREFIX_report.json (seconds per step, threshold and its
+source, flagged ml, largest components in world mm, out-of-distribution warnings). The mask
+threshold is the one `make eval` stored in RUN/results/summary.json (validation-tuned if
+available, else the healthy quantile's) or --threshold.
+
+Batch: --input a folder (every .nii/.nii.gz) or a CSV (column `input`, optional `brain_mask`);
+--output a folder. One progress bar, one table (OUTPUT/detect_report.csv); a failing scan is
+reported with its reason and the others are completed. Exit status 1 if any scan failed.
 
 With `--dae-workdir D` (a DAE run trained on the same data, experiments/dae_*.py) the scan is also
 scored by the DAE and the two maps are fused by `--fusion` (p2l.fusion): PREFIX_dae and
 PREFIX_fused, and PREFIX_fused_mask at the fused map's stored threshold when the Patch2Loc run was
-evaluated fused with D (`eval.pixel_workdir`), whose healthy statistics zsum and gate need. A DAE
-run can also be given as --workdir alone (its residual map, no error/log-variance).
+evaluated fused with D (`eval.pixel_workdir`), whose healthy statistics zsum and gate need.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import csv
+import os
 import sys
+import time
 from pathlib import Path
 
-import numpy as np
-
 from p2l import fusion, xla_flags
-from p2l.errors import ConfigError, DataError, P2LError
+
+# Re-exported: the run-side helpers moved to p2l.detect_run.
+from p2l.detect_run import stored_summary, stored_threshold  # noqa: F401
+from p2l.detect_scan import ScanOptions, detect_scan, scan_name
+from p2l.errors import DataError, P2LError
+
+SCAN_SUFFIXES = (".nii", ".nii.gz")
 
 
-def stored_summary(workdir: Path) -> dict | None:
-    path = Path(workdir) / "results" / "summary.json"
-    return json.loads(path.read_text()) if path.exists() else None
+def _options(args, log=None) -> ScanOptions:
+    mode = "raw" if args.raw else "prepared" if args.prepared else "auto"
+    return ScanOptions(mode=mode, brain_mask=args.brain_mask, skull_strip=args.skull_strip,
+                       atlas=args.atlas, log=log)  # fmt: skip
 
 
-def stored_threshold(workdir: Path, detector: str | None = None) -> tuple[float, str] | None:
-    """The threshold `make eval` stored for this run (for `detector`, default the run's own): the
-    first fixed policy (validation-tuned, then healthy quantile, in `thresholds.policies` order)
-    with a value, and its name."""
-    from p2l import thresholds
-    from p2l.run_info import load_run_config
+def _open(args):
+    from p2l.detect_run import open_detect_run
 
-    summary = stored_summary(workdir)
-    if summary is None:
-        return None
-    if detector is not None and detector != summary.get("detector", "patch2loc"):
-        summary = (summary.get("detectors") or {}).get(detector)
-        if summary is None:
-            return None
-    stored = summary.get("thresholds", {})
-    quantile = load_run_config(workdir).eval.get("healthy_quantile", thresholds.HEALTHY_QUANTILE)
-    for policy in thresholds.policies(quantile):
-        if policy.per_volume:
-            continue
-        # The validation threshold is stored per dataset: "validation[<Dataset>]".
-        for key, value in stored.items():
-            if key.split("[")[0] == policy.name and value.get("value") is not None:
-                return float(value["value"]), key
-    return None
-
-
-def derive_brain_mask(image, path: Path):
-    """Non-zero voxels of a skull-stripped scan; refuses scans with no zero background."""
-    from p2l.volume_io import Volume
-
-    nonzero = image.data != 0
-    fraction = float(nonzero.mean())
-    if fraction > 0.9 or not nonzero.any():
-        raise DataError(
-            path,
-            f"{100 * fraction:.0f} % of voxels are non-zero: the scan does not look "
-            "skull-stripped, so no brain mask can be derived. Pass --brain-mask.",
-        )
-    print(f"p2l.detect: no --brain-mask given; using the {nonzero.sum():,} non-zero voxels of "
-          "the skull-stripped scan as the brain mask")  # fmt: skip
-    return Volume(nonzero.astype(np.float32), image.affine, f"{path} (non-zero voxels)")
+    return open_detect_run(
+        args.workdir,
+        modality=args.modality,
+        threshold=args.threshold,
+        stride=args.stride,
+        dae_workdir=args.dae_workdir,
+        fusion_rule=args.fusion,
+    )
 
 
 def detect(args) -> dict[str, Path]:
-    from p2l import figures, normalization, orientation, thresholds
-    from p2l.run_info import load_run_config
-    from p2l.volume_io import read_volume, write_volume_atomic
+    """One scan (`--input` a file); returns {output name: path}. Raises P2LError."""
+    run = _open(args)
+    report = detect_scan(run, args.input, args.output, _options(args, log=_progress))
+    print("\n".join(_summary_lines(report)))
+    return {k: Path(v) for k, v in report["outputs"].items()}
 
-    workdir = Path(args.workdir)
-    config = load_run_config(workdir)
-    if args.modality != config.modality:
-        raise ConfigError(
-            "modality",
-            f"the model in {workdir} was trained on {config.modality.upper()} scans, "
-            f"but --modality is {args.modality}",
+
+def _progress(line: str) -> None:
+    print(line, flush=True)
+
+
+def _summary_lines(report):
+    from p2l.detect_report import summary_lines
+
+    return summary_lines(report)
+
+
+def list_inputs(source: Path) -> list[tuple[str, str | None]]:
+    """(scan, brain mask or None) of a folder (every NIfTI in it, sorted) or a CSV (`input`
+    column, optional `brain_mask`; relative paths are relative to the CSV)."""
+    if source.is_dir():
+        scans = sorted(p for p in source.iterdir() if p.name.endswith(SCAN_SUFFIXES))
+        if not scans:
+            raise DataError(source, "no .nii or .nii.gz files in this folder")
+        return [(str(p), None) for p in scans]
+    with open(source, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or "input" not in rows[0]:
+        raise DataError(source, "a scan list needs a header with an `input` column")
+
+    def resolve(value):
+        path = Path(value)
+        return str(path if path.is_absolute() else source.parent / path)
+
+    return [
+        (resolve(r["input"]), resolve(r["brain_mask"]) if r.get("brain_mask") else None)
+        for r in rows
+        if r["input"].strip()
+    ]
+
+
+def is_batch(path: Path) -> bool:
+    return path.is_dir() or path.name.lower().endswith(".csv")
+
+
+def detect_batch(args) -> list[dict]:
+    """Every scan of a folder or CSV; returns the table rows (failures included)."""
+    from tqdm import tqdm
+
+    from p2l.detect_report import table_row, write_table
+
+    inputs = list_inputs(Path(args.input))
+    names = [scan_name(scan) for scan, _ in inputs]
+    if len(set(names)) != len(names):
+        raise DataError(args.input, "two scans share a file name: outputs would overwrite")
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    run = _open(args)
+    rows = []
+    for (scan, mask), name in tqdm(list(zip(inputs, names)), desc="detect", unit="scan"):
+        options = _options(args)
+        if mask is not None:
+            options = ScanOptions(options.mode, mask, options.skull_strip, options.atlas, None)
+        start = time.perf_counter()
+        try:
+            report = detect_scan(run, scan, out / name, options)
+            rows.append(table_row(scan, report))
+        except P2LError as err:
+            rows.append(table_row(scan, None, str(err), time.perf_counter() - start))
+            tqdm.write(f"failed: {err}", file=sys.stderr)
+    write_table(out / "detect_report.csv", rows)
+    failed = sum(r["status"] == "failed" for r in rows)
+    print(f"p2l.detect: {len(rows) - failed} of {len(rows)} scans done, {failed} failed; "
+          f"table {out / 'detect_report.csv'}")  # fmt: skip
+    for r in rows:
+        print(
+            f"  {r['status']:6s} {Path(r['scan']).name}: "
+            + (r["error"] if r["status"] == "failed" else f"{r['flagged_ml']} ml flagged")
         )
-    image = read_volume(args.input, kind="image")
-    if args.brain_mask:
-        mask = read_volume(args.brain_mask, kind="mask")
-    else:
-        mask = derive_brain_mask(image, Path(args.input))
-    space = orientation.run_space(workdir, config)
-    # Without any record of the training orientation the scan's own is the only choice.
-    target = image.axcodes if space is None else tuple(space["axcodes"])
-    subject = normalization.prepare_subject(
-        image,
-        mask,
-        None,
-        modality=args.modality,
-        subject_id=Path(args.input).name,
-        target_shape=tuple(config.data.image_shape),
-        expected_spacing=config.data.expected_spacing,
-        orientation=target,
-        spacing=None if space is None else space["spacing"],
-    )
-    reorientation = subject.reorientation
-    if not reorientation.is_identity:
-        print(f"p2l.detect: {args.input} is stored as {''.join(image.axcodes)}, the model was "
-              f"trained on {''.join(target)} volumes: axes permuted/flipped to match (no "
-              "resampling); outputs are mapped back to the scan's own grid")  # fmt: skip
-    orientation.check_registered(
-        reorientation, reorientation.apply(mask.data), space, source=args.input
-    )
-    if args.threshold is not None:
-        threshold, source = args.threshold, "--threshold"
-    else:
-        found = stored_threshold(workdir)  # the run's own detector's
-        if found is None:
-            raise DataError(
-                workdir / "results" / "summary.json",
-                "no stored threshold: run `make eval` for this workdir or pass --threshold",
-            )
-        threshold, source = found
-    if args.stride:
-        config.eval.stride = args.stride
-    opened = _open(config, workdir, args)
-    step = opened.step
-    sv = opened.scorer(subject.subject_id, subject.image, subject.mask)
-    prediction = thresholds.predict(sv.score, threshold) & (subject.mask > 0)
-
-    brain = subject.mask > 0
-    outputs = {"score": sv.score, "mask": prediction.astype(np.uint8)}
-    for name in ("error", "logvar"):  # Patch2Loc's heatmap parts (a DAE run has none)
-        if name in sv.maps:
-            outputs[name] = sv.maps[name] * brain
-    if opened.fused:
-        outputs["dae"] = sv.maps["dae"]
-        fused = fusion.detector_name(args.fusion)
-        outputs["fused"] = sv.maps[fused]
-        found = stored_threshold(workdir, fused)
-        if found is not None:
-            outputs["fused_mask"] = (thresholds.predict(sv.maps[fused], found[0]) & brain).astype(
-                np.uint8
-            )
-            print(f"p2l.detect: {fused} thresholded at {found[0]:.4g} ({found[1]})")
-        else:
-            print(
-                f"p2l.detect: no stored threshold for {fused} (evaluate the run with "
-                "eval.pixel_workdir to store one): the fused map is written unthresholded"
-            )
-    prefix = Path(args.output)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    written = {}
-    for name, array in outputs.items():
-        path = prefix.with_name(f"{prefix.name}_{name}.nii.gz")
-        back = subject.to_source(array, fill=0)  # the input scan's own grid and orientation
-        dtype = np.uint8 if name.endswith("mask") else np.float32
-        write_volume_atomic(path, back, subject.source_affine, dtype=dtype)
-        written[name] = path
-    png = prefix.with_name(f"{prefix.name}_overlay.png")
-    figures.overlay(
-        png,
-        subject.image,
-        sv.score,
-        subject.mask,
-        None,
-        prediction,
-        title=f"{Path(args.input).name}: threshold {threshold:.4g} ({source}), "
-        f"{int(prediction.sum()):,} voxels flagged",
-    )
-    written["overlay"] = png
-    print(
-        f"p2l.detect: checkpoint step {step}, threshold {threshold:.4g} from {source}, "
-        f"{int(prediction.sum()):,} voxels flagged; wrote "
-        + ", ".join(str(p) for p in written.values())
-    )
-    return written
-
-
-def _open(config, workdir: Path, args):
-    """The run's scorer; with --dae-workdir, Patch2Loc and the DAE fused by --fusion, with the
-    fusion parameters the run's evaluation stored (p2l.fusion: zsum and gate need them)."""
-    from p2l import detectors
-
-    if not args.dae_workdir:
-        return detectors.open_run(config, workdir)
-    if not (Path(args.dae_workdir) / "run_info.json").is_file():
-        raise DataError(
-            args.dae_workdir,
-            "not a trained DAE run folder (no run_info.json): train one first, e.g. make train "
-            "CONFIG=experiments/dae_t2.py",
-        )
-    from p2l.config_check import method
-
-    if method(config) != "patch2loc":
-        raise ConfigError("dae-workdir", f"--workdir {workdir} must be a Patch2Loc run to fuse")
-    config.eval.pixel_workdir = str(args.dae_workdir)
-    config.eval.fusion = (args.fusion,)
-    opened = detectors.open_run(config, workdir)
-    stored = (stored_summary(workdir) or {}).get("fusion") or {}
-    same = Path(str((stored.get("pixel_run") or {}).get("workdir", ""))).resolve()
-    if stored.get("params") and same == Path(args.dae_workdir).resolve():
-        opened.scorer.params = fusion.FusionParams(**stored["params"])
-    elif args.fusion == "product":  # the one rule without healthy parameters
-        opened.scorer.params = fusion.FusionParams(0.0, 1.0, 0.0, 1.0, 0.0)
-    else:
-        raise DataError(
-            Path(workdir) / "results" / "summary.json",
-            f"no fusion parameters stored for the DAE run {args.dae_workdir}: the {args.fusion} "
-            "rule needs the healthy statistics of an evaluation (make eval with "
-            f"--config.eval.pixel_workdir={args.dae_workdir}); --fusion product needs none",
-        )
-    return opened
+    return rows
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", required=True, help="trained run folder (make train)")
-    ap.add_argument("--input", required=True, help="preprocessed scan (.nii/.nii.gz)")
-    ap.add_argument("--brain-mask", help="brain mask on the scan's grid (default: non-zero voxels)")
-    ap.add_argument("--modality", required=True, choices=("t1", "t2"))
-    ap.add_argument("--output", required=True, help="output prefix, e.g. out/patient1")
+    ap.add_argument("--input", required=True, help="a scan, a folder of scans, or a CSV")
+    ap.add_argument("--output", required=True, help="prefix (out/case); a folder for several")
+    ap.add_argument("--brain-mask", help="brain mask on the scan's grid (one scan)")
+    ap.add_argument("--modality", choices=("t1", "t2"),
+                    help="checked against the run's (default: the run's)")  # fmt: skip
+    mode = ap.add_mutually_exclusive_group()
+    raw_help = "prepare the scan like the training data (the default, see above)"
+    mode.add_argument("--raw", action="store_true", help=raw_help)
+    prepared_help = "already skull-stripped, registered, at the run's spacing"
+    mode.add_argument("--prepared", action="store_true", help=prepared_help)
+    strip_help = "raw scans: auto = none if stripped, hd-bet if installed, else atlas"
+    strip_choices = ("auto", "hd-bet", "atlas", "none")
+    ap.add_argument("--skull-strip", default="auto", choices=strip_choices, help=strip_help)
+    ap.add_argument("--atlas", help="the run's atlas file, if it moved since training")
     ap.add_argument("--threshold", type=float, help="score threshold for the mask")
     ap.add_argument("--stride", type=int, help="sliding-window stride (default: the config's)")
     ap.add_argument(
@@ -250,7 +189,15 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     xla_flags.apply()  # before JAX starts its backend
+    # Raw scans: ANTs' multi-threaded registration sums its sampled metric in a thread-dependent
+    # order, so two runs on one scan can end in different optima (measured: brain masks of 1137
+    # to 1613 ml for one WMH head). One ITK thread makes preparation repeatable; it must be set
+    # before ITK starts.
+    os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
     try:
+        if is_batch(Path(args.input)):
+            rows = detect_batch(args)
+            return 1 if any(r["status"] == "failed" for r in rows) else 0
         detect(args)
     except P2LError as err:
         print(f"error: {err}", file=sys.stderr)

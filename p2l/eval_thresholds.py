@@ -57,23 +57,30 @@ def _merged_moments(moments: fusion.HealthyMoments) -> fusion.HealthyMoments:
     return total
 
 
-def healthy_thresholds(config, opened, builds, cache_root: Path) -> tuple[dict, int, dict | None]:
-    """({detector: healthy-quantile threshold}, healthy volumes, fusion parameters or None).
+def healthy_thresholds(
+    config, opened, builds, cache_root: Path
+) -> tuple[dict, int, dict | None, dict]:
+    """({detector: healthy-quantile threshold}, healthy volumes, fusion parameters or None,
+    the healthy reference of `healthy_reference`).
 
     Sets `opened.scorer.params` when the run fuses, so later passes carry the fused maps."""
     ev = config.eval
     fusing = opened.fused
     base = opened.scorer.detectors(fused=False) if fusing else opened.names
     cache = Path(tempfile.mkdtemp(prefix=".fusion_cache_", dir=cache_root)) if fusing else None
+    primary_key = opened.names[opened.primary]
+    per_volume: list[dict] = []  # the primary detector's statistics of each healthy volume
 
     def reduce(rec, sv):
         brain = rec.mask > 0
         counts = {d: sh.volume_counts(sv.maps[k][brain], name=rec.subject_id)
                   for d, k in base.items()}  # fmt: skip
+        stats = volume_statistics(sv.maps, primary_key, brain)
+        stats["counts"] = _sparse(counts[opened.primary])
         if not fusing:
-            return counts, None
+            return counts, None, stats
         both = np.stack([sv.maps[k][brain] for k in base.values()]).astype(np.float32)
-        return counts, both
+        return counts, both, stats
 
     histograms = {d: sh.Histogram() for d in base}
     moments = {d: fusion.HealthyMoments() for d in base}
@@ -82,7 +89,8 @@ def healthy_thresholds(config, opened, builds, cache_root: Path) -> tuple[dict, 
         _, stream = scored(config, opened.scorer, builds, ev.healthy_split,
                            ev.max_healthy_volumes, reduce, desc,
                            filtered=ev.healthy_postprocess)  # fmt: skip
-        for i, (counts, both) in enumerate(stream):
+        for i, (counts, both, stats) in enumerate(stream):
+            per_volume.append(stats)
             for d, c in counts.items():
                 histograms[d].add(c)
             if both is not None:
@@ -94,8 +102,9 @@ def healthy_thresholds(config, opened, builds, cache_root: Path) -> tuple[dict, 
         if n == 0:
             raise ConfigError("eval.healthy_split", f"{ev.healthy_split!r} has no volumes")
         thresholds = {d: sh.quantile(h.counts, ev.healthy_quantile) for d, h in histograms.items()}
+        reference = healthy_reference(per_volume, thresholds[opened.primary])
         if not fusing:
-            return thresholds, n, None
+            return thresholds, n, None, reference
         p2l_name, pixel_name = list(base)
         p2l_m, pixel_m = _merged_moments(moments[p2l_name]), _merged_moments(moments[pixel_name])
         # The gate opens above Patch2Loc's healthy quantile: the threshold's by default.
@@ -114,10 +123,51 @@ def healthy_thresholds(config, opened, builds, cache_root: Path) -> tuple[dict, 
                 fused[fusion.detector_name(rule)].add(sh.volume_counts(values, name=path.name))
         for d, h in fused.items():
             thresholds[d] = sh.quantile(merged(h).counts, ev.healthy_quantile)
-        return thresholds, n, params.to_dict()
+        return thresholds, n, params.to_dict(), reference
     finally:
         if cache is not None:
             shutil.rmtree(cache, ignore_errors=True)
+
+
+def volume_statistics(maps: dict, score_key: str, brain: np.ndarray) -> dict:
+    """A volume's in-brain statistics that p2l.detect compares with the healthy reference: the
+    mean score and, for Patch2Loc, the mean predicted log-variance (high on unfamiliar tissue)."""
+    stats = {"mean_score": float(np.mean(maps[score_key][brain]))}
+    if "logvar" in maps:
+        stats["mean_logvar"] = float(np.mean(maps["logvar"][brain]))
+    return stats
+
+
+def _sparse(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    bins = np.flatnonzero(counts)
+    return bins.astype(np.int32), counts[bins]
+
+
+def healthy_reference(per_volume: list[dict], threshold: float) -> dict:
+    """Range of the primary detector's per-volume statistics over every process's healthy
+    volumes: min, max, mean and std of the mean score, mean log-variance and the fraction of
+    brain above the healthy threshold (summary["healthy_reference"], p2l.detect_report's
+    out-of-distribution check). Kilobytes per volume (sparse histograms), gathered once."""
+    from p2l import parallel
+
+    rows = [r for part in parallel.gather_objects(per_volume) for r in part]
+    values: dict[str, list[float]] = {}
+    above_bin = sh.bin_index(np.asarray([threshold], np.float32))[0]
+    for row in rows:
+        bins, counts = row["counts"]
+        total = int(counts.sum())
+        values.setdefault("fraction_above", []).append(
+            float(counts[bins > above_bin].sum()) / max(total, 1)
+        )
+        for key in ("mean_score", "mean_logvar"):
+            if key in row:
+                values.setdefault(key, []).append(row[key])
+    summary = {
+        key: {"min": float(np.min(v)), "max": float(np.max(v)), "mean": float(np.mean(v)),
+              "std": float(np.std(v))}
+        for key, v in values.items()
+    }  # fmt: skip
+    return {"volumes": len(rows), "threshold": float(threshold), "statistics": summary}
 
 
 def validation_thresholds(config, opened, builds, dataset: str) -> tuple[dict, int]:

@@ -259,7 +259,7 @@ def evaluate(config, workdir: str | Path) -> dict:
     builds = input_pipeline.build_dataset(config)
     t_start = time.perf_counter()
     healthy_name = thresholds.healthy_policy_name(config.eval.healthy_quantile)
-    healthy, n_healthy, fusion_params = healthy_thresholds(config, opened, builds, out)
+    healthy, n_healthy, fusion_params, reference = healthy_thresholds(config, opened, builds, out)
     per_detector = {d: {"thresholds": {healthy_name: {
         "value": healthy[d], "volumes": n_healthy, "bin_width": sh.bin_width(healthy[d])}},
         "sets": {}} for d in opened.names}  # fmt: skip
@@ -287,7 +287,7 @@ def evaluate(config, workdir: str | Path) -> dict:
         "fold": config.fold, "seed": config.seed, "checkpoint_step": opened.step,
         "devices": [str(d) for d in jax.devices()], "eval": config.eval.to_dict(),
         "detector": opened.primary, "thresholds": primary["thresholds"], "sets": primary["sets"],
-        "detectors": per_detector,
+        "detectors": per_detector, "healthy_reference": reference,
     }  # fmt: skip
     if opened.fused:
         summary["fusion"] = {"rules": list(opened.scorer.rules), "params": fusion_params,

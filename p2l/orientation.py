@@ -27,6 +27,7 @@ from nibabel import orientations as ornts
 
 from p2l.atomic_write import write_json_atomic
 from p2l.errors import DataError, P2LError
+from p2l.preparation import record as preparation_record
 
 FILENAME = "training_space.json"
 _VERSION = 1
@@ -202,6 +203,9 @@ def training_space(config) -> dict:
         "brain_extent_mm": brain_extent_mm(mask.data, spacing),
         "source": first.image_path,
         "orientations_of_training_volumes": counts,
+        # How data_prep made the training data (None for data it did not make): p2l.detect gives
+        # a raw scan the same preparation (p2l.preparation.record).
+        "preparation": preparation_record.from_manifest(first.image_path),
     }
 
 

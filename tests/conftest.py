@@ -1,8 +1,12 @@
 """Shared test set-up: quiet TensorFlow, the ../shared folder (skipped when absent)."""
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
+import jax
 import pytest
 
 from p2l import xla_flags
@@ -14,6 +18,18 @@ from p2l.config_file import set_dotted
 xla_flags.apply()
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# One ITK thread, as p2l.detect sets for raw scans: ANTs' multi-threaded registration is not
+# repeatable, and ITK reads this once, before its first filter runs, for the whole session.
+os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
+# One persistent XLA compilation cache for the session, inherited by the `python -m p2l.main`
+# subprocesses tests start (kill and resume, two processes, fault runs): they compile the same
+# small models again and again. A cached executable is the same program, so results are unchanged.
+_CACHE = tempfile.mkdtemp(prefix="p2l_test_xla_cache_")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

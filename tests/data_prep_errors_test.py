@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from data_prep import prepare, validate
-from data_prep.atlas import load_atlas
 from data_prep.manifest import file_record, write_manifest
-from data_prep.nifti import read_ants
 from p2l.errors import DataError
+from p2l.preparation.ants_io import read_ants
+from p2l.preparation.atlas import load_atlas
 from tests import data_prep_phantom as phantom
 
 

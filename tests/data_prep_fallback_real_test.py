@@ -12,9 +12,9 @@ import ants
 import numpy as np
 import pytest
 
-from data_prep.atlas import load_atlas
-from data_prep.skull_strip import skull_strip
-from data_prep.steps import RegistrationParams, reorient_resample
+from p2l.preparation.atlas import load_atlas
+from p2l.preparation.skull_strip import skull_strip
+from p2l.preparation.steps import RegistrationParams, reorient_resample
 from tests.data_prep_real import SHARED
 
 # Real scans through registration and skull stripping: tens of seconds per module (make test-slow).

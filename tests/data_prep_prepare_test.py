@@ -16,7 +16,7 @@ import pytest
 
 from data_prep import prepare, validate
 from data_prep.manifest import read_manifest, write_manifest
-from data_prep.nifti import sha256_file
+from p2l.preparation.ants_io import sha256_file
 from tests import data_prep_phantom as phantom
 
 # Prepares a phantom dataset through the whole pipeline in a module fixture (make test-slow).

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from data_prep import prepare
-from data_prep.atlas import load_atlas
+from p2l.preparation.atlas import load_atlas
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 IXI = SHARED / "data/ixi_defacing_pipeline/data/example_input_hdbet_processed"

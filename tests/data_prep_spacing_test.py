@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 
 from data_prep.adapters import discover, get_spec
-from data_prep.atlas import load_atlas
 from data_prep.manifest import config_key
 from data_prep.pipeline import PIPELINE_VERSION, PrepConfig, scan_key, skull_strip_method
-from data_prep.skull_strip import skull_strip
 from data_prep.sources import Source, Subject
-from data_prep.steps import RegistrationParams, reorient_resample, shift_to_positive
 from data_prep.validate import row_spacing
 from p2l.errors import DataError
+from p2l.preparation.atlas import load_atlas
+from p2l.preparation.skull_strip import skull_strip
+from p2l.preparation.steps import RegistrationParams, reorient_resample, shift_to_positive
 from tests import data_prep_phantom as phantom
 
 
@@ -38,6 +38,22 @@ def test_spacing_1_keeps_the_earlier_config_and_restart_key(tmp_path):
         {
             "pipeline": PIPELINE_VERSION,
             "config": config.as_dict(),
+            "method": "hd-bet",
+            "atlas_sha256": atlas.sha256,
+            "modality": "t1",
+            "image": image.identity(),
+            "seg": None,
+        }
+    )
+    assert scan_key(config, atlas, subject, "t1", "hd-bet") == earlier
+    two = PrepConfig(spacing=2.0)
+    assert two.as_dict()["spacing"] == 2.0
+    assert scan_key(two, atlas, subject, "t1", "hd-bet") != earlier
+    # Scans stripped by the atlas fallback are redone since it changed (several starts).
+    old_atlas_key = config_key(
+        {
+            "pipeline": PIPELINE_VERSION,
+            "config": config.as_dict(),
             "method": "atlas",
             "atlas_sha256": atlas.sha256,
             "modality": "t1",
@@ -45,10 +61,7 @@ def test_spacing_1_keeps_the_earlier_config_and_restart_key(tmp_path):
             "seg": None,
         }
     )
-    assert scan_key(config, atlas, subject, "t1", "atlas") == earlier
-    two = PrepConfig(spacing=2.0)
-    assert two.as_dict()["spacing"] == 2.0
-    assert scan_key(two, atlas, subject, "t1", "atlas") != earlier
+    assert scan_key(config, atlas, subject, "t1", "atlas") != old_atlas_key
     assert row_spacing({"config": config.as_dict()}) == 1.0
     assert row_spacing({"config": two.as_dict(), "spacing_mm": 2.0}) == 2.0
 

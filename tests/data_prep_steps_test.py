@@ -1,4 +1,4 @@
-"""data_prep.steps on synthetic volumes with known geometry: exact orientation, resampling,
+"""p2l.preparation.steps on synthetic volumes with known geometry: exact orientation, resampling,
 cropping, label handling, and recovery of a known rigid motion by the affine registration."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from data_prep.atlas import load_atlas
-from data_prep.nifti import write_ants_atomic
-from data_prep.steps import (
+from p2l.preparation.ants_io import write_ants_atomic
+from p2l.preparation.atlas import load_atlas
+from p2l.preparation.steps import (
     N4Params,
     RegistrationParams,
     affine_summary,

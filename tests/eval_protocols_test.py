@@ -154,7 +154,7 @@ def test_streamed_thresholds_match_the_exact_functions(setup, workers, tmp_path)
     config, builds = setup
     config.eval.workers = workers
     scorer = FakeScorer()
-    healthy, n, params = eval_thresholds.healthy_thresholds(
+    healthy, n, params, _ = eval_thresholds.healthy_thresholds(
         config, opened(scorer), builds, tmp_path
     )
     healthy = healthy["patch2loc"]
@@ -207,7 +207,7 @@ def test_fused_evaluation_scores_every_detector_once_with_exact_healthy_fusion(s
     fused ones from the cached in-brain values); test rows come per detector."""
     config, builds = setup
     run = fused_run(config)
-    healthy, n, params = eval_thresholds.healthy_thresholds(config, run, builds, tmp_path)
+    healthy, n, params, _ = eval_thresholds.healthy_thresholds(config, run, builds, tmp_path)
     assert n == 3 and builds.read == 3  # scored once, not once per detector
     assert set(healthy) == {"patch2loc", "dae", "fused[product]", "fused[zsum]", "fused[gate]"}
     assert not list(tmp_path.glob(".fusion_cache_*"))  # the cache is removed
@@ -246,7 +246,7 @@ def test_the_gate_can_open_at_another_healthy_quantile(setup, tmp_path):
     config, builds = setup
     config.eval.fusion_gate_quantile = 50.0
     run = fused_run(config)
-    healthy, _, params = eval_thresholds.healthy_thresholds(config, run, builds, tmp_path)
+    healthy, _, params, _ = eval_thresholds.healthy_thresholds(config, run, builds, tmp_path)
     vols = [run.scorer.start(r.subject_id, r.image, r.mask).result() for r in builds.parts["val"]]
     median = thresholds.healthy_quantile_threshold([v.score[v.mask > 0] for v in vols], q=50.0)
     assert abs(params["p2l_threshold"] - median) <= sh.bin_width(median)

@@ -3,11 +3,12 @@ short form of the whole check on the real IXI Hammersmith heads of ../shared (th
 
 import json
 
+import nibabel as nib
 import numpy as np
 import pytest
 
 from data_prep import real_check_t1
-from p2l import splits
+from p2l import detect, splits
 
 IDS = [f"IXI{i:03d}-HH-{1000 + i}" for i in range(138)]
 
@@ -75,6 +76,10 @@ def test_short_check_end_to_end(shared_dir, tmp_path, capfd):
     results = tmp_path / "run" / "results"
     summary = json.loads((results / "summary.json").read_text())
     assert summary["thresholds"]["healthy_q98"]["volumes"] == 3  # from the 3 validation heads
+    # The range of the healthy validation heads that p2l.detect's out-of-distribution check uses.
+    reference = summary["healthy_reference"]
+    assert reference["volumes"] == 3
+    assert {"mean_score", "mean_logvar", "fraction_above"} <= set(reference["statistics"])
     held_out = summary["healthy_test"]
     assert held_out["split"] == "ixi_test" and held_out["volumes"] == 3
     assert 0.0 <= held_out["thresholds"]["healthy_q98"]["pooled_fraction"] <= 1.0
@@ -104,6 +109,24 @@ def test_short_check_end_to_end(shared_dir, tmp_path, capfd):
     assert {"eval/MSLUB/auroc_brain", "eval/threshold/healthy_q98"} <= tags
     assert any(t.startswith("uncertainty/healthy/coverage") for t in tags)
     assert any(t.startswith("eval/mslub_patient07_overlay") for t in tags)
+
+    # p2l.detect on a held-out head straight from ../shared (native space, PSR, with skull): the
+    # run's own preparation (its record: 2 mm, the fast registration), scored, mapped back.
+    held_out_id = real_check_t1.split_ids(real_check_t1.ixi_ids(shared_dir), 8, 3)[2][0]
+    (raw,) = (shared_dir / "data" / real_check_t1.IXI_HH).rglob(f"{held_out_id}_T1.nii.gz")
+    out = tmp_path / "detect" / held_out_id
+    argv = ["--workdir", str(tmp_path / "run"), "--input", str(raw), "--output", str(out)]
+    written = detect.detect(detect.parse_args(argv))
+    source = nib.load(raw)
+    for name in ("score", "error", "logvar", "brain", "mask"):
+        img = nib.load(written[name])
+        assert img.shape == source.shape, name
+        np.testing.assert_allclose(img.affine, source.affine, atol=1e-4)
+    report = json.loads(written["report"].read_text())
+    assert report["mode"] == "raw" and report["threshold"]["source"].startswith("healthy_q98")
+    assert report["preparation"]["spacing_mm"] == 2.0
+    assert report["out_of_distribution"]["healthy_reference"]["volumes"] == 3
+    assert 0.0 <= report["out_of_distribution"]["statistics"]["fraction_above"] <= 1.0
 
     # Preparation is cached: a second run checks the files and prepares nothing.
     real_check_t1.prepare(shared_dir, tmp_path / "input", 8, 3, fast=True)

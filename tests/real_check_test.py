@@ -6,6 +6,7 @@ from data_prep import real_check
 
 
 @pytest.mark.slow
+@pytest.mark.long  # ~10 min on 2 cores: make test-long (CI runs the 2 mm T1 check instead)
 def test_lesions_score_higher_than_the_rest_of_the_brain(shared_dir, tmp_path):
     rows = real_check.run(shared_dir, tmp_path, **{"eval.stride": 12, "eval.num_figures": 1})
     assert {r["dataset"] for r in rows} == {"MSLUB", "BraTS15"}

@@ -1,6 +1,6 @@
 """The preprocessing steps of the reference pipeline (spec §2.1), one function each, on ANTs images.
 
-Order per scan: `reorient_resample` -> skull stripping (`data_prep.skull_strip`) ->
+Order per scan: `reorient_resample` -> skull stripping (`p2l.preparation.skull_strip`) ->
 `register_to_atlas` + `warp_to_atlas` -> `crop_to_mask` -> `n4_correct`. Parameters default to the
 reference scripts' values; each step returns what it did so the manifest can record it.
 
@@ -27,7 +27,7 @@ import ants
 import numpy as np
 from ants import config as ants_config
 
-from data_prep.atlas import ORIENTATION, Atlas
+from p2l.preparation.atlas import ORIENTATION, Atlas
 
 CropMode = Literal["reference", "inclusive"]
 _BSPLINE, _LINEAR = 4, 0  # ants.resample_image interp_type codes
@@ -101,6 +101,7 @@ def reorient_resample(
     image: ants.ANTsImage,
     kind: Literal["image", "mask", "seg"] = "image",
     spacing: float = 1.0,
+    reorient_first: bool = False,
 ) -> tuple[ants.ANTsImage, dict]:
     """Resample to `spacing` mm isotropic (if not already) and reorient to RAI, spec §2.1 step 1.
 
@@ -109,12 +110,17 @@ def reorient_resample(
     (volume-preserving). The reference resampled even 1 mm scans (its `list != tuple` test is
     always true); on the target grid that is an identity up to B-spline round-off, so it is skipped.
     A mask or seg that needs no resampling is returned as given (binarise it first).
+
+    `reorient_first` (p2l.detect's raw scans): reorient (an exact axis permutation/flip), then
+    resample, so the working grid, and everything after it, is the same however the scan's axes
+    are stored; data_prep keeps the reference's order (resample, then reorient), whose grid
+    starts at the stored first voxel.
     """
     info = {"input_spacing": [round(float(s), 6) for s in image.spacing], "resampled": False}
-    out = image
+    out = _rounded_geometry(image.reorient_image2(ORIENTATION)) if reorient_first else image
     if not is_isotropic(image, spacing):
         interp = _BSPLINE if kind == "image" else _LINEAR
-        source = image if kind == "image" else (image > 0).astype("float32")
+        source = out if kind == "image" else (out > 0).astype("float32")
         target = (float(spacing),) * 3
         out = ants.resample_image(source, target, use_voxels=False, interp_type=interp)
         if kind != "image":
@@ -123,6 +129,17 @@ def reorient_resample(
     out = out.reorient_image2(ORIENTATION)
     info["orientation"] = ORIENTATION
     return out, info
+
+
+def _rounded_geometry(image: ants.ANTsImage) -> ants.ANTsImage:
+    """`image` with origin rounded to 1e-4 mm and direction cosines to 1e-6. Two storage orders of
+    one scan reorient to the same voxels but to origins that differ in float32 round-off (3e-6 mm
+    measured), and the affine registration amplifies that into different optima (brain masks of
+    1103 and 1097 ml): rounded, both are bit-identical and so is everything after."""
+    out = image.clone()
+    out.set_origin(tuple(float(v) for v in np.round(np.asarray(image.origin, dtype=float), 4)))
+    out.set_direction(np.round(np.asarray(image.direction, dtype=float), 6))
+    return out
 
 
 def shift_to_positive(

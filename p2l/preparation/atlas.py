@@ -22,8 +22,8 @@ from pathlib import Path
 import ants
 import numpy as np
 
-from data_prep.nifti import read_ants, sha256_file
 from p2l.errors import DataError
+from p2l.preparation.ants_io import read_ants, sha256_file
 
 # The reference reorients the template to RAI before registering (registration.py), so outputs are
 # RAI (ITK convention: x runs right->left, y anterior->posterior, z inferior->superior).
