@@ -105,19 +105,13 @@ def detect_scan(run, path: str | Path, prefix: str | Path, options: ScanOptions)
         out_masks = {
             k: prepared.to_raw(subject.to_source(v, fill=0), kind="mask") for k, v in masks.items()
         }
-        affine, raw_image = prepared.raw_affine, _raw_image(path)
+        affine, raw_image = prepared.raw_affine, prepared.raw_image
     clock.add("map_back", start)
 
     report = detect_report.build(
         run, path, mode, why, prepared, sv, subject, out_maps, out_masks, affine
     )
-    start = time.perf_counter()
-    written = _write_all(prefix, out_maps, out_masks, affine, raw_image, report, run, clock)
-    clock.add("write", start)
-    report["steps"] = clock.steps
-    report["seconds_total"] = round(time.perf_counter() - started, 2)
-    report["outputs"] = {k: str(v) for k, v in written.items()}
-    detect_report.write_json(written["report"], report)
+    _write_all(prefix, out_maps, out_masks, affine, raw_image, report, clock, started)
     return report
 
 
@@ -228,18 +222,14 @@ def _maps(run, sv, subject) -> tuple[dict, dict]:
     return maps, masks
 
 
-def _raw_image(path: Path) -> np.ndarray:
-    from p2l.volume_io import read_volume
-
-    return read_volume(path, kind="image").data
-
-
-def _write_all(prefix: Path, maps, masks, affine, image, report, run, clock) -> dict[str, Path]:
+def _write_all(prefix: Path, maps, masks, affine, image, report, clock, started) -> None:
     """Every output into a hidden folder first, then moved next to `prefix` (nothing half-written
-    is left by a failure)."""
+    is left by a failure). The report, written last, gets the steps (the write of the maps and
+    the overlay included), the total seconds and the final output paths."""
     from p2l import detect_figure, detect_report
     from p2l.volume_io import write_volume_atomic
 
+    start = time.perf_counter()
     prefix.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{prefix.name}.partial-", dir=prefix.parent))
     try:
@@ -256,11 +246,12 @@ def _write_all(prefix: Path, maps, masks, affine, image, report, run, clock) -> 
             title=detect_report.figure_title(report),
         )  # fmt: skip
         staged["report"] = staging / f"{prefix.name}_report.json"
+        clock.add("write", start)
+        report["steps"] = clock.steps
+        report["seconds_total"] = round(time.perf_counter() - started, 2)
+        report["outputs"] = {k: str(prefix.with_name(p.name)) for k, p in staged.items()}
         detect_report.write_json(staged["report"], report)
-        written = {}
-        for name, path in staged.items():
-            written[name] = prefix.with_name(path.name)
-            path.replace(written[name])
-        return written
+        for path in staged.values():
+            path.replace(prefix.with_name(path.name))
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -96,6 +96,7 @@ class PreparedScan:
     skull_strip: dict
     checks: dict
     steps: list[dict] = field(default_factory=list)
+    raw_image: np.ndarray | None = None  # the raw voxels as read (for the overlay: no second read)
 
     def to_raw(self, array: np.ndarray, kind: str = "map") -> np.ndarray:
         """`array` (on the prepared grid) resampled onto the raw scan's grid; 0 outside the crop.
@@ -230,6 +231,7 @@ def prepare_raw(
         skull_strip=strip_info,
         checks=checks,
         steps=steps.steps,
+        raw_image=raw.numpy(),
     )
 
 
