@@ -136,7 +136,7 @@ def _run_detect(workdir, scan, out, *extra):
 
 
 def test_a_blob_in_a_non_ras_anisotropic_raw_scan_comes_back_at_its_world_position(
-    raw_run, stub_network, shared_dir, tmp_path
+    raw_run, stub_network, shared_dir, tmp_path, capsys
 ):
     src = nib.load(shared_dir / "data" / WMH)
     data = np.asarray(src.dataobj, dtype=np.float32)
@@ -173,6 +173,10 @@ def test_a_blob_in_a_non_ras_anisotropic_raw_scan_comes_back_at_its_world_positi
     largest = report["components"][0]
     assert np.linalg.norm(np.asarray(largest["centre_world_mm"]) - blob) < 3.0
     assert report["threshold"]["source"] == "--threshold"
+    # A single scan shows each step as it ends (minutes for a 1 mm head).
+    printed = capsys.readouterr().out
+    assert "p2l.detect: skull_strip done (" in printed and "p2l.detect: register done (" in printed
+    assert "p2l.detect: heatmap at stride 4 ..." in printed
 
     # The same scan stored as it came (LPS): the same maps, voxel for voxel.
     plain = _save(tmp_path / "blob_lps.nii.gz", data, src.affine)
